@@ -1,0 +1,67 @@
+"""The `trl-polar` CLI skeleton: version and format, run as users run them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from trl_polar import PolarTemplate, __version__
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "trl_polar.cli", *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_version():
+    out = run_cli("version")
+    assert out.returncode == 0
+    assert out.stdout.splitlines()[0] == f"trl-polar {__version__}"
+    assert any(line.startswith("trl 1.16") for line in out.stdout.splitlines())
+
+
+def test_format_prints_the_clients_text_and_token_count(tiny_qwen2_rm_dir):
+    out = run_cli("format", "--model", tiny_qwen2_rm_dir, "--prompt", "2+2?", "--reference", "4", "--candidate", "4!")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "2+2?\n4<|reward|>2+2?\n4![UNUSED_TOKEN_130]\n"
+    n = len(PolarTemplate.from_pretrained(tiny_qwen2_rm_dir).encode("2+2?", "4", "4!"))
+    assert f"tokens: {n} (max_length 16384)" in out.stderr and "truncated: nothing" in out.stderr
+
+
+def test_format_reads_a_jsonl_row_and_reports_truncation(tmp_path, tiny_tokenizer_dir):
+    rows = [
+        {"prompt": "first", "reference": "a", "chosen": "b"},
+        {"prompt": [{"role": "user", "content": "one two three four five six seven"}], "reference": "x", "chosen": "y"},
+    ]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = run_cli(
+        "format", "--tokenizer", tiny_tokenizer_dir, "--data", str(data), "--row", "1",
+        "--candidate-column", "chosen", "--max-length", "16", "--json",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    template = PolarTemplate(__import__("transformers").AutoTokenizer.from_pretrained(tiny_tokenizer_dir), max_length=16)
+    expected = template.build(rows[1]["prompt"], "x", "y")
+    assert report["num_tokens"] == len(expected.input_ids) <= 16
+    assert report["truncated"] == {"prompt": {"original": expected.prompt.original, "kept": expected.prompt.kept}}
+    assert report["text"].endswith("seven\ny[UNUSED_TOKEN_130]")
+
+
+def test_errors_are_one_line(tmp_path, tiny_tokenizer_dir):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": "c"}) + "\n")
+    out = run_cli("format", "--tokenizer", tiny_tokenizer_dir, "--data", str(data))
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"Error: {data}: row 0 lacks column(s) ['reference', 'candidate'] (it has ['chosen', 'prompt']); "
+        "use --candidate-column to name the candidate's column."
+    ]
+    out = run_cli("format", "--tokenizer", tiny_tokenizer_dir, "--data", str(data), "--row", "3")
+    assert out.returncode == 1 and out.stderr.strip() == f"Error: {data}: has no row 3 (it has 1 rows)."
+    out = run_cli("format", "--tokenizer", tiny_tokenizer_dir, "--prompt", "p", "--reference", "r",
+                  "--candidate", "c", "--wrapper", "chat")  # fmt: skip
+    assert out.returncode == 1 and out.stderr.startswith("Error: `wrapper` must be one of ('sft', 'pretrain')")
+    assert "Traceback" not in out.stderr

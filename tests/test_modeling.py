@@ -1,0 +1,125 @@
+"""Preparing backbones as POLAR reward models and loading them ready to score."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from trl_polar.modeling import add_polar_tokens, load_reward_model, prepare_reward_model, value_head
+from trl_polar.template import PolarTemplate
+
+P, R, C = "What is 2 + 2?", "4", "The answer is 4."
+
+
+def score(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+
+
+def test_add_polar_tokens_registers_tokens_resizes_and_records(plain_tokenizer_dir, tiny_qwen2_lm_dir):
+    tok = AutoTokenizer.from_pretrained(plain_tokenizer_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_lm_dir)
+    before = len(tok)
+    assert "<|reward|>" not in tok.get_vocab()
+    template = add_polar_tokens(tok, model, max_length=1024)
+    assert len(tok) == before + 2
+    assert model.get_input_embeddings().num_embeddings == len(tok)
+    assert tok.convert_tokens_to_ids("<|reward|>") == before and template.reward_token_id == before + 1
+    assert tok.pad_token == "<pad>" and model.config.pad_token_id == tok.pad_token_id
+    assert model.config.polar_template["max_length"] == 1024
+    # Idempotent: a second call adds nothing.
+    add_polar_tokens(tok, model)
+    assert len(tok) == before + 2
+
+
+def test_pad_token_is_created_and_never_the_reward_token(tiny_tokenizer):
+    tiny_tokenizer.pad_token = None
+    add_polar_tokens(tiny_tokenizer)
+    assert tiny_tokenizer.pad_token == tiny_tokenizer.eos_token
+    tiny_tokenizer.pad_token = "[UNUSED_TOKEN_130]"
+    tiny_tokenizer.eos_token = "[UNUSED_TOKEN_130]"
+    add_polar_tokens(tiny_tokenizer)
+    assert tiny_tokenizer.pad_token == "<|polar_pad|>"
+    assert tiny_tokenizer.pad_token_id != tiny_tokenizer.convert_tokens_to_ids("[UNUSED_TOKEN_130]")
+
+
+@pytest.mark.parametrize("lm_fixture", ["tiny_qwen2_lm_dir", "tiny_llama_lm_dir"])
+def test_causal_lm_checkpoint_becomes_a_zero_headed_reward_model(request, tmp_path, lm_fixture):
+    lm_dir = request.getfixturevalue(lm_fixture)
+    model, tok = prepare_reward_model(lm_dir, template_kwargs={"max_length": 512})
+    assert model.config.num_labels == 1
+    assert torch.count_nonzero(value_head(model).weight) == 0
+    template = PolarTemplate.from_pretrained(model, tokenizer=tok)
+    assert template.max_length == 512
+    assert score(model, template.encode(P, R, C)) == 0.0
+    # The backbone weights came from the checkpoint, not a fresh init.
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir)
+    assert torch.equal(lm.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+
+    # Saved, it is a plain AutoModelForSequenceClassification checkpoint that carries its template.
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert PolarTemplate.from_pretrained(tmp_path).encode(P, R, C) == template.encode(P, R, C)
+    assert reloaded.config.polar_template == template.to_dict()
+
+
+def test_zero_init_is_an_option(tiny_qwen2_lm_dir):
+    model, _ = prepare_reward_model(tiny_qwen2_lm_dir, zero_init_head=False)
+    assert torch.count_nonzero(value_head(model).weight) > 0
+
+
+def test_trained_head_is_kept_when_loading_a_reward_model(tiny_qwen2_rm_dir):
+    model, _ = prepare_reward_model(tiny_qwen2_rm_dir)
+    original = AutoModelForSequenceClassification.from_pretrained(tiny_qwen2_rm_dir)
+    assert torch.equal(value_head(model).weight, value_head(original).weight)
+    assert torch.count_nonzero(value_head(model).weight) > 0
+
+
+@pytest.mark.parametrize("rm_fixture", ["tiny_qwen2_rm_dir", "tiny_llama_rm_dir"])
+def test_standard_pooling_reads_the_reward_token_in_padded_batches(request, rm_fixture):
+    model, template = load_reward_model(request.getfixturevalue(rm_fixture))
+    assert not model.training
+    seqs = [template.encode(P, R, C), template.encode(P, R, "No."), template.encode("Hi", "Hello there friend", "Hey")]
+    singles = [score(model, s) for s in seqs]
+    # The value head applied to the reward token's hidden state is the score.
+    with torch.no_grad():
+        hidden = model.model(input_ids=torch.tensor([seqs[0]])).last_hidden_state
+        assert value_head(model)(hidden[0, -1]).item() == pytest.approx(singles[0], abs=1e-6)
+    pad = template.tokenizer.pad_token_id
+    width = max(map(len, seqs))
+    for side in ("right", "left"):
+        rows = [s + [pad] * (width - len(s)) if side == "right" else [pad] * (width - len(s)) + s for s in seqs]
+        mask = [[int(t != pad) for t in row] for row in rows]
+        with torch.no_grad():
+            batch = model(input_ids=torch.tensor(rows), attention_mask=torch.tensor(mask)).logits[:, 0].tolist()
+        assert batch == pytest.approx(singles, abs=1e-5)
+    assert len({round(s, 6) for s in singles}) == 3
+
+
+def test_load_reward_model_overrides_and_dtype(tiny_qwen2_rm_dir):
+    model, template = load_reward_model(tiny_qwen2_rm_dir, dtype=torch.bfloat16, max_length=128)
+    assert template.max_length == 128
+    assert value_head(model).weight.dtype == torch.bfloat16
+
+
+def test_official_internlm2_checkpoint_points_to_convert(shared_fixtures):
+    with pytest.raises(ValueError, match="trl-polar convert"):
+        load_reward_model(shared_fixtures / "internlm2_reward_tiny")
+
+
+def test_model_instance_must_be_a_one_label_classifier(tiny_qwen2_lm_dir):
+    lm = AutoModelForCausalLM.from_pretrained(tiny_qwen2_lm_dir)
+    with pytest.raises(ValueError, match="one-label sequence-classification model"):
+        prepare_reward_model(lm)
+
+
+def test_peft_wrapped_head_is_found(tiny_qwen2_rm_dir):
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_qwen2_rm_dir)
+    peft_model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"]))
+    head = value_head(peft_model)
+    assert head.weight.requires_grad
+    assert torch.equal(head.weight, value_head(model).weight)

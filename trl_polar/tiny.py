@@ -1,0 +1,136 @@
+"""Tiny tokenizers and models built offline, for tests, the quickstart and benchmarks.
+
+Everything here is built from scratch on the local machine: no hub access. The tokenizer is a byte-level BPE
+(so it round-trips any text through `AutoTokenizer`) with BOS/EOS/pad and the POLAR tokens registered.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from .template import DEFAULT_REWARD_TOKEN, DEFAULT_SEPARATOR
+
+BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
+# The pre-tokenisation pattern of Qwen2's tokenizer (a format fact: contractions, letters, single digits, ...).
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+_DEFAULT_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is 2 + 2? The answer is 4. Let me think step by step.",
+    "Translate to French: good morning -> bonjour.",
+    "def add(a, b):\n    return a + b\n",
+    "A reward model scores how close a candidate answer is to a reference answer.",
+    "Policies differ in style, length and accuracy; a discriminator learns to tell them apart.",
+    "1 2 3 4 5 6 7 8 9 10 11 12 100 1000",
+    "Question: how many r's are in strawberry? Answer: three.",
+    "ÄÖÜ ß é è — “quotes” 中文 日本語 😀",
+]
+
+
+def build_tiny_tokenizer(
+    out_dir: str | os.PathLike | None = None,
+    vocab_size: int = 512,
+    corpus: Iterable[str] | None = None,
+    polar_tokens: bool = True,
+):
+    """A byte-level BPE fast tokenizer with BOS ``<s>`` prepended, EOS ``</s>``, pad ``<pad>``.
+
+    With ``polar_tokens`` the separator ``<|reward|>`` and the reward token ``[UNUSED_TOKEN_130]`` are registered
+    special tokens. Saved to ``out_dir`` when given (it then reloads with ``AutoTokenizer.from_pretrained``).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [PAD, BOS, EOS, UNK]
+    model = Tokenizer(models.BPE(unk_token=None))
+    # transformers rebuilds a tokenizer saved next to a qwen2 config as Qwen2Tokenizer, keeping only the vocab
+    # and merges; building it with that class's normaliser and pre-tokeniser makes the reload encode identically.
+    model.normalizer = normalizers.NFC()
+    model.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    model.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = list(corpus) if corpus is not None else _DEFAULT_CORPUS * 4
+    model.train_from_iterator(texts, trainer=trainer)
+    bos_id = model.token_to_id(BOS)
+    model.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=model, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK
+    )
+    if polar_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": [DEFAULT_SEPARATOR, DEFAULT_REWARD_TOKEN]})
+    if out_dir is not None:
+        tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def tiny_config(tokenizer, arch: str = "qwen2", **overrides):
+    """A small `Qwen2Config` or `LlamaConfig` sized to the tokenizer (hidden 64, 2 layers, 4 heads, 2 KV heads)."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    classes = {"qwen2": Qwen2Config, "llama": LlamaConfig}
+    if arch not in classes:
+        raise ValueError(f"`arch` must be one of {sorted(classes)}, got {arch!r}.")
+    params = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+    }
+    params.update(overrides)
+    return classes[arch](**params)
+
+
+def build_tiny_causal_lm(tokenizer, arch: str = "qwen2", seed: int = 0, out_dir=None, **overrides):
+    """A randomly initialised tiny causal LM (a policy, or a backbone to turn into a reward model)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(tokenizer, arch, **overrides))
+    if out_dir is not None:
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+    return model
+
+
+def build_tiny_reward_model(tokenizer, arch: str = "qwen2", seed: int = 0, out_dir=None, **overrides):
+    """A randomly initialised tiny POLAR reward model: one-label sequence classification, tokens registered.
+
+    The head is left random (not zero) so that scores differ between inputs, which is what tests need.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from .modeling import add_polar_tokens
+
+    torch.manual_seed(seed)
+    config = tiny_config(tokenizer, arch, num_labels=1, **overrides)
+    model = AutoModelForSequenceClassification.from_config(config)
+    add_polar_tokens(tokenizer, model)
+    model.eval()
+    if out_dir is not None:
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+    return model
