@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+from transformers import AutoTokenizer
+
 from trl_polar import PolarTemplate, __version__
 
 
@@ -33,7 +35,11 @@ def test_format_prints_the_clients_text_and_token_count(tiny_qwen2_rm_dir):
 def test_format_reads_a_jsonl_row_and_reports_truncation(tmp_path, tiny_tokenizer_dir):
     rows = [
         {"prompt": "first", "reference": "a", "chosen": "b"},
-        {"prompt": [{"role": "user", "content": "one two three four five six seven"}], "reference": "x", "chosen": "y"},
+        {
+            "prompt": [{"role": "user", "content": "one two three four five six seven"}],
+            "reference": "x",
+            "chosen": "y",
+        },
     ]
     data = tmp_path / "rows.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -43,7 +49,7 @@ def test_format_reads_a_jsonl_row_and_reports_truncation(tmp_path, tiny_tokenize
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
-    template = PolarTemplate(__import__("transformers").AutoTokenizer.from_pretrained(tiny_tokenizer_dir), max_length=16)
+    template = PolarTemplate(AutoTokenizer.from_pretrained(tiny_tokenizer_dir), max_length=16)
     expected = template.build(rows[1]["prompt"], "x", "y")
     assert report["num_tokens"] == len(expected.input_ids) <= 16
     assert report["truncated"] == {"prompt": {"original": expected.prompt.original, "kept": expected.prompt.kept}}
