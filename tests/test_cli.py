@@ -71,3 +71,31 @@ def test_errors_are_one_line(tmp_path, tiny_tokenizer_dir):
                   "--candidate", "c", "--wrapper", "chat")  # fmt: skip
     assert out.returncode == 1 and out.stderr.startswith("Error: `wrapper` must be one of ('sft', 'pretrain')")
     assert "Traceback" not in out.stderr
+
+
+def test_scaling_prints_the_papers_numbers():
+    out = run_cli("scaling", "--params", "1.8e9", "--base-tokens", "2.5e12", "--rm-tokens", "0.94e12")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["learning rate: 1.4e-05", "batch size: 2021 samples per step"]
+
+
+def test_scaling_fits_a_csv(tmp_path):
+    runs = tmp_path / "runs.csv"
+    runs.write_text("compute,loss\n1e18,2.0\n1e19,1.0\n1e20,0.5\n")
+    out = run_cli("scaling", "--fit", str(runs), "--plot", str(tmp_path / "fit.png"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("loss = 524288 * compute^-0.30103   (R^2 = 1.0000)")
+    assert (tmp_path / "fit.png").stat().st_size > 1000
+    runs.write_text("flops,loss\n1,2\n")
+    out = run_cli("scaling", "--fit", str(runs))
+    assert out.returncode == 1 and out.stderr.strip() == f"Error: {runs}: needs columns compute and loss; missing ['compute']."
+
+
+def test_convert_command(tmp_path, shared_fixtures):
+    out = run_cli(
+        "convert", str(shared_fixtures / "internlm2_reward_tiny"), str(tmp_path / "out"),
+        "--tokenizer", str(shared_fixtures / "bpe_tokenizer_with_bos"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert PolarTemplate.from_pretrained(tmp_path / "out").reward_token_id == 1999

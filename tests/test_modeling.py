@@ -104,9 +104,15 @@ def test_load_reward_model_overrides_and_dtype(tiny_qwen2_rm_dir):
     assert value_head(model).weight.dtype == torch.bfloat16
 
 
-def test_official_internlm2_checkpoint_points_to_convert(shared_fixtures):
-    with pytest.raises(ValueError, match="trl-polar convert"):
-        load_reward_model(shared_fixtures / "internlm2_reward_tiny")
+def test_a_model_directory_without_tokenizer_says_how_to_fix(tmp_path, tiny_qwen2_rm_dir):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_qwen2_rm_dir)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="has no tokenizer files; pass `tokenizer=`"):
+        load_reward_model(tmp_path)
+    _, template = load_reward_model(tmp_path, tokenizer=tiny_qwen2_rm_dir)
+    assert template.reward_token_id == AutoTokenizer.from_pretrained(tiny_qwen2_rm_dir).convert_tokens_to_ids(
+        "[UNUSED_TOKEN_130]"
+    )
 
 
 def test_model_instance_must_be_a_one_label_classifier(tiny_qwen2_lm_dir):

@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 
-from .template import CONFIG_KEY, DEFAULT_REWARD_TOKEN, DEFAULT_SEPARATOR, PolarTemplate, is_internlm2_checkpoint
+from .template import (
+    CONFIG_KEY,
+    DEFAULT_REWARD_TOKEN,
+    DEFAULT_SEPARATOR,
+    PolarTemplate,
+    is_internlm2_checkpoint,
+    load_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -90,12 +97,29 @@ def zero_init_value_head(model: Any) -> None:
             param.zero_()
 
 
-def _check_loadable(path: str) -> None:
+def _load_classifier(path: str, trust_remote_code: bool = False, **kwargs: Any) -> tuple[Any, bool]:
+    """A one-label sequence-classification model from `path`, and whether its value head is new.
+
+    Official InternLM2 checkpoints are converted in memory (`trl_polar.convert`) instead of running their remote
+    code, which scores wrongly on transformers 5 (an uninitialised rotary buffer).
+    """
+    from transformers import AutoModelForSequenceClassification
+
     if is_internlm2_checkpoint(path):
-        raise ValueError(
-            f"{path!r} is an official InternLM2 POLAR checkpoint, which needs custom modeling code. Convert it once "
-            "to a standard transformers checkpoint with `trl-polar convert` and load the converted directory."
-        )
+        if trust_remote_code:
+            raise ValueError(
+                f"Refusing to run the remote code of {path!r}: on transformers 5 it loads but gives wrong scores "
+                "(its rotary inv_freq buffer is left uninitialised). Leave trust_remote_code off: trl_polar converts "
+                "the checkpoint to a standard Llama reward model in memory, with identical scores."
+            )
+        from .convert import load_internlm2_reward_model
+
+        return load_internlm2_reward_model(path, dtype=kwargs.get("dtype")), False
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, output_loading_info=True, trust_remote_code=trust_remote_code, **kwargs
+    )
+    fresh_head = any(key.split(".")[0] in _HEAD_NAMES for key in info.get("missing_keys", ()))
+    return model, fresh_head
 
 
 def prepare_reward_model(
@@ -123,18 +147,13 @@ def prepare_reward_model(
     Returns:
         ``(model, tokenizer)``.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     fresh_head = False
     if isinstance(model_or_path, (str, os.PathLike)):
         path = str(model_or_path)
-        _check_loadable(path)
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, output_loading_info=True, **model_kwargs
-        )
-        fresh_head = any(key.split(".")[0] in _HEAD_NAMES for key in info.get("missing_keys", ()))
+        model, fresh_head = _load_classifier(path, **model_kwargs)
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = load_tokenizer(path)
     else:
         model = model_or_path
         if getattr(getattr(model, "config", None), "num_labels", None) != 1 or not _has_head(model):
@@ -144,7 +163,7 @@ def prepare_reward_model(
                 "with AutoModelForSequenceClassification.from_pretrained(..., num_labels=1)."
             )
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(model.config._name_or_path)
+            tokenizer = load_tokenizer(model.config._name_or_path)
     if fresh_head and zero_init_head:
         zero_init_value_head(model)
     add_polar_tokens(tokenizer, model, separator=separator, reward_token=reward_token, **(template_kwargs or {}))
@@ -164,24 +183,29 @@ def load_reward_model(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    tokenizer: Any = None,
+    trust_remote_code: bool = False,
     **template_overrides: Any,
 ) -> tuple[Any, PolarTemplate]:
-    """Load a saved POLAR reward model in eval mode with the template it was trained with, ready to score.
+    """Load a POLAR reward model in eval mode with the template it was trained with, ready to score.
 
-    A checkpoint without a trained value head (a plain causal LM) loads too, with a warning: its scores are
-    meaningless until it is trained.
+    Accepts checkpoints saved by trl_polar, official POLAR checkpoints (converted in memory, no remote code) and
+    plain causal-LM checkpoints (with a warning: an untrained value head gives meaningless scores).
+
+    Args:
+        path: a local directory or a hub name.
+        device, dtype: where and in which precision to put the model.
+        tokenizer: a tokenizer (or its path) to use instead of the one stored with the model.
+        trust_remote_code: allow remote modeling code for checkpoints that need it (never for InternLM2).
+        template_overrides: template parameters that replace the recorded ones.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     path = str(path)
-    _check_loadable(path)
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, output_loading_info=True, **kwargs
-    )
-    if any(key.split(".")[0] in _HEAD_NAMES for key in info.get("missing_keys", ())):
+    model, fresh_head = _load_classifier(path, trust_remote_code=trust_remote_code, **kwargs)
+    if fresh_head:
         logger.warning("%s has no trained value head: its scores are meaningless until it is trained.", path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(str(tokenizer) if tokenizer is not None else path)
     recorded = dict(getattr(model.config, CONFIG_KEY, None) or {})
     recorded.update(template_overrides)
     template = add_polar_tokens(tokenizer, model, **recorded)
