@@ -88,7 +88,8 @@ def test_scaling_fits_a_csv(tmp_path):
     assert (tmp_path / "fit.png").stat().st_size > 1000
     runs.write_text("flops,loss\n1,2\n")
     out = run_cli("scaling", "--fit", str(runs))
-    assert out.returncode == 1 and out.stderr.strip() == f"Error: {runs}: needs columns compute and loss; missing ['compute']."
+    assert out.returncode == 1
+    assert out.stderr.strip() == f"Error: {runs}: needs columns compute and loss; missing ['compute']."
 
 
 def test_convert_command(tmp_path, shared_fixtures):
@@ -99,3 +100,32 @@ def test_convert_command(tmp_path, shared_fixtures):
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert PolarTemplate.from_pretrained(tmp_path / "out").reward_token_id == 1999
+
+
+def test_train_from_yaml_with_flag_overrides(tmp_path, tiny_qwen2_lm_dir):
+    row = {"reference": "one two", "chosen": "one two three", "rejected": "ALPHA"}
+    rows = [{"prompt": f"q{i}", **row} for i in range(8)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        f"model_name_or_path: {tiny_qwen2_lm_dir}\ntrain_data: {data}\noutput_dir: {tmp_path / 'yaml-out'}\n"
+        "max_steps: 1\nper_device_train_batch_size: 4\nmax_length: 256\nmax_response_length: 64\n"
+        "report_to: none\nuse_cpu: true\nsave_strategy: 'no'\nbatching: padded\n"
+    )
+    out = run_cli("train", "--config", str(config), "--max_steps", "2", "--output_dir", str(tmp_path / "flag-out"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert not (tmp_path / "yaml-out").exists()  # the flag overrode the file
+    saved = json.loads((tmp_path / "flag-out" / "config.json").read_text())
+    assert saved["polar_template"]["max_length"] == 256 and saved["polar_template"]["max_response_length"] == 64
+    assert PolarTemplate.from_pretrained(tmp_path / "flag-out").max_response_length == 64
+    # The value head starts at zero; two optimizer steps on real pairs moved it.
+    from transformers import AutoModelForSequenceClassification
+
+    head = AutoModelForSequenceClassification.from_pretrained(tmp_path / "flag-out").score.weight
+    assert head.abs().sum().item() > 0
+    bad = run_cli("train", "--config", str(config), "--batching", "sideways")
+    assert bad.returncode == 2 and "invalid choice: 'sideways'" in bad.stderr
+    config.write_text("learning_rat: 0.1\n")
+    bad = run_cli("train", "--config", str(config))
+    assert bad.returncode == 1 and "unknown field(s) ['learning_rat']" in bad.stderr

@@ -60,9 +60,8 @@ def test_converted_in_memory_matches_upstream_scores(shared_fixtures, reference,
 
 
 def test_convert_checkpoint_writes_a_plain_transformers_checkpoint(tmp_path, shared_fixtures, reference):
-    out = convert_checkpoint(
-        shared_fixtures / "internlm2_reward_tiny", tmp_path / "polar", tokenizer=shared_fixtures / "bpe_tokenizer_with_bos"
-    )
+    src, tokenizer = shared_fixtures / "internlm2_reward_tiny", shared_fixtures / "bpe_tokenizer_with_bos"
+    out = convert_checkpoint(src, tmp_path / "polar", tokenizer=tokenizer)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForSequenceClassification"]
     assert config["reward_token_id"] == 1999 and config["polar_template"]["reward_token"] == "[UNUSED_TOKEN_130]"

@@ -203,6 +203,63 @@ def scaling(
     typer.echo(f"batch size: {laws.polar_batch_size(params, rm_tokens)} samples per step")
 
 
+@app.command()
+def evaluate(
+    data: Annotated[str, typer.Option(help="A .jsonl/.json/.parquet/.csv file or a hub dataset name.")],
+    out: Annotated[Path, typer.Option(help="Directory for report.json, summary.md and plots.")],
+    model: Annotated[str | None, typer.Option(help="A POLAR reward model to score with locally.")] = None,
+    url: Annotated[str | None, typer.Option(help="Or a trl-polar server to score with.")] = None,
+    protocol: Annotated[str, typer.Option(help="auto, pairwise, best_of_n or rmb.")] = "auto",
+    split: Annotated[str, typer.Option(help="Dataset split (or slice, e.g. train[:1000]).")] = "train",
+    category_column: Annotated[str, typer.Option(help="Report accuracy per value of this column.")] = "category",
+    max_tokens_per_batch: Annotated[int, typer.Option(help="Token budget of one scoring micro-batch.")] = 32768,
+    plots: Annotated[bool, typer.Option(help="Write PNG plots (needs matplotlib).")] = True,
+) -> None:
+    """Accuracy of a POLAR reward model on pairwise, best-of-N or RMB-style data, with a report and plots."""
+    from .data_loading import load_preference_dataset
+    from .evaluation import evaluate as run_evaluation
+    from .evaluation import write_report
+
+    if (model is None) == (url is None):
+        raise CLIError("Pass exactly one of --model (score locally) or --url (score with a server).")
+    if model is not None:
+        from .scoring import PolarScorer
+
+        scorer = PolarScorer(model, max_tokens_per_batch=max_tokens_per_batch, dtype="auto", show_progress=True)
+    else:
+        from .client import PolarClient
+
+        scorer = PolarClient(url=url)
+    rows = load_preference_dataset(data, split=split)
+    report = run_evaluation(scorer, rows, protocol=protocol, category_column=category_column)
+    paths = write_report(report, out, plots=plots)
+    typer.echo(report.to_markdown())
+    typer.echo("Wrote " + ", ".join(paths.values()))
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def train(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option(help="A YAML file of field: value; flags override it.")] = None,
+) -> None:
+    """Train a POLAR reward model. Every PolarConfig / TrainingArguments field is a flag (see --help).
+
+    Multi-process: accelerate launch --config_file CFG -m trl_polar.cli train --config train.yaml
+    """
+    from .training import parse_train_args, run_training, train_parser
+
+    if any(arg in ("-h", "--help") for arg in ctx.args):
+        typer.echo("Usage: trl-polar train [--config train.yaml] [--FIELD VALUE ...]\n")
+        typer.echo(train_parser().format_help())
+        return
+    if config is not None and not config.is_file():
+        raise CLIError(f"{config}: no such file.")
+    run_training(*parse_train_args(ctx.args, str(config) if config else None))
+
+
 def main() -> None:
     """Entry point of the `trl-polar` console script: user errors are one line, not a traceback."""
     try:

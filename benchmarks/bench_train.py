@@ -1,0 +1,260 @@
+"""Training throughput: TRL's RewardTrainer against PolarRewardTrainer's padded, packed and shared_prefix modes.
+
+All methods train the same model on the same POLAR-shaped triples (prompt ~256 tokens, reference ~512, answers
+32-512) for the same number of steps. Throughput counts real tokens: the full chosen and rejected sequences, as a
+padded batch without its padding would hold them, so every method is credited with the same tokens per row and the
+ratios are ratios of time. The *limit* runs forward+backward+optimizer step over only the unique tokens of each batch
+(no padding, each prefix once) as plain packed rows without a custom mask: no layout can beat it by more than noise.
+
+    python benchmarks/bench_train.py            # prints a table, then one JSON line
+    python benchmarks/bench_train.py --rows 48 --batch 4 --steps 6 --hidden 256 --layers 4
+
+Targets: shared_prefix >= 2x TRL's RewardTrainer and >= 0.85 of the limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback  # noqa: E402
+
+from trl_polar.collator import PolarDataCollator  # noqa: E402
+from trl_polar.config import PolarConfig  # noqa: E402
+from trl_polar.modeling import add_polar_tokens, value_head  # noqa: E402
+from trl_polar.tiny import build_tiny_tokenizer, tiny_config  # noqa: E402
+from trl_polar.trainer import PolarRewardTrainer  # noqa: E402
+
+# fmt: off
+WORDS = ["the", "a", "of", "to", "and", "in", "is", "it", "that", "for", "on", "with", "as", "was", "at", "by", "an",
+         "be", "this", "are", "from", "or", "have", "not", "but", "one", "all"]
+# fmt: on
+
+
+def _text(tokenizer, rng: random.Random, tokens: int) -> str:
+    words = []
+    while len(tokenizer.encode(" ".join(words), add_special_tokens=False)) < tokens:
+        words.extend(rng.choice(WORDS) + rng.choice(["", "s", "ed", "ing"]) for _ in range(max(1, tokens // 8)))
+    return " ".join(words)
+
+
+def make_rows(tokenizer, n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [
+        {
+            "prompt": _text(tokenizer, rng, rng.randint(200, 300)),
+            "reference": _text(tokenizer, rng, rng.randint(400, 600)),
+            "chosen": _text(tokenizer, rng, rng.randint(32, 512)),
+            "rejected": _text(tokenizer, rng, rng.randint(32, 512)),
+        }
+        for _ in range(n)
+    ]
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every optimizer step after the first (the first pays for allocator and kernel warm-up)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step > 1:
+            self.times.append(time.perf_counter() - self._start)
+
+
+def _args(out: str, batch: int, steps: int, cls=PolarConfig, **extra):
+    return cls(
+        output_dir=out,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        report_to="none",
+        gradient_checkpointing=False,
+        save_strategy="no",
+        per_device_train_batch_size=batch,
+        max_steps=steps + 1,
+        logging_steps=1000,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **extra,
+    )
+
+
+def run_trl(model_dir, tokenizer, template, rows, batch, steps, out) -> float:
+    from trl import RewardConfig, RewardTrainer
+
+    # TRL on pre-concatenated POLAR text: the best a user gets from the stock trainer.
+    texts = [
+        {
+            "chosen": template.format(r["prompt"], r["reference"], r["chosen"]),
+            "rejected": template.format(r["prompt"], r["reference"], r["rejected"]),
+        }
+        for r in rows
+    ]
+    timer = StepTimer()
+    trainer = RewardTrainer(
+        model=_load(model_dir),
+        args=_args(out, batch, steps, RewardConfig, max_length=None),
+        train_dataset=Dataset.from_list(texts),
+        processing_class=tokenizer,
+        callbacks=[timer],
+    )
+    trainer.train()
+    return sum(timer.times)
+
+
+def run_polar(model_dir, tokenizer, rows, batch, steps, out, batching) -> float:
+    timer = StepTimer()
+    args = _args(out, batch, steps, batching=batching, max_length=4096, max_response_length=1024)
+    trainer = PolarRewardTrainer(
+        model=_load(model_dir),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[timer],
+    )
+    trainer.train()
+    return sum(timer.times)
+
+
+def run_limit(model_dir, tokenizer, template, rows, batch, steps) -> tuple[float, float]:
+    """Unique tokens only (each prefix once, no padding); returns (seconds, unique tokens per pair).
+
+    Each pair's unique tokens form one plain packed row (segments with restarting positions, no custom mask), run
+    without padding. One row per pair rather than one row per batch: sdpa and eager build a mask over the whole
+    row, so on them a longer packed row costs more than separate rows (flash-attention varlen kernels do not).
+    """
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = _load(model_dir).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    collator = PolarDataCollator(pad_token_id=tokenizer.pad_token_id, batching="shared_prefix")
+    encoded = [
+        dict(
+            zip(
+                ("chosen_ids", "rejected_ids"),
+                template.encode_pair(r["prompt"], r["reference"], r["chosen"], r["rejected"]),
+            )
+        )
+        for r in rows
+    ]
+    rng = random.Random(0)
+    total, unique = 0.0, []
+    for step in range(steps + 1):
+        groups = [collator([example]) for example in rng.sample(encoded, batch)]
+        start = time.perf_counter()
+        for group in groups:
+            segments = group["segment_ids"][0]
+            ids = group["input_ids"][0]
+            starts = torch.ones_like(segments, dtype=torch.bool)
+            starts[1:] = segments[1:] != segments[:-1]
+            seg_start = torch.cummax(torch.where(starts, torch.arange(len(ids)), 0), 0).values
+            positions = torch.arange(len(ids)) - seg_start
+            if step:
+                unique.append(len(ids))
+            hidden = model.model(
+                input_ids=ids[None].to(device), position_ids=positions[None].to(device), use_cache=False
+            ).last_hidden_state
+            rewards = value_head(model)(hidden[0, group["reward_positions"].to(device)])
+            (rewards.sum() / batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if step:
+            total += time.perf_counter() - start
+    return total, sum(unique) / len(unique)
+
+
+def _load(model_dir):
+    return AutoModelForSequenceClassification.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="sdpa"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4, help="pairs per step")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps (one more runs first as warm-up)")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    opts = parser.parse_args()
+
+    work = tempfile.mkdtemp(prefix="bench_train_")
+    tokenizer = build_tiny_tokenizer(os.path.join(work, "tok"), polar_tokens=False)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(work, "tok"))
+    torch.manual_seed(opts.seed)
+    config = tiny_config(
+        tokenizer,
+        "qwen2",
+        hidden_size=opts.hidden,
+        intermediate_size=4 * opts.hidden,
+        num_hidden_layers=opts.layers,
+        num_labels=1,
+        max_position_embeddings=8192,
+    )
+    model = AutoModelForSequenceClassification.from_config(config)
+    template = add_polar_tokens(tokenizer, model, max_length=4096, max_response_length=1024)
+    model_dir = os.path.join(work, "rm")
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+
+    rows = make_rows(tokenizer, opts.rows, opts.seed)
+    pairs = [template.encode_pair(r["prompt"], r["reference"], r["chosen"], r["rejected"]) for r in rows]
+    tokens_per_row = sum(len(c) + len(r) for c, r in pairs) / len(pairs)
+    timed_rows = opts.batch * opts.steps
+
+    seconds = {
+        "trl RewardTrainer": run_trl(
+            model_dir, tokenizer, template, rows, opts.batch, opts.steps, os.path.join(work, "trl")
+        )
+    }
+    for batching in ("padded", "packed", "shared_prefix"):
+        seconds[f"polar {batching}"] = run_polar(
+            model_dir, tokenizer, rows, opts.batch, opts.steps, os.path.join(work, batching), batching
+        )
+    seconds["limit (unique tokens, packed)"], unique_per_row = run_limit(
+        model_dir, tokenizer, template, rows, opts.batch, opts.steps
+    )
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
+    print(
+        f"device: {device}; model: qwen2 hidden {opts.hidden}, {opts.layers} layers; {opts.batch} pairs/step, "
+        f"{opts.steps} timed steps; {tokens_per_row:.0f} real tokens per pair, {unique_per_row:.0f} unique"
+    )
+    print(f"{'method':<32}{'s/step':>10}{'real tok/s':>14}{'vs TRL':>9}{'of limit':>10}")
+    trl, limit = seconds["trl RewardTrainer"], seconds["limit (unique tokens, packed)"]
+    for name, value in seconds.items():
+        rate = tokens_per_row * timed_rows / value
+        print(f"{name:<32}{value / opts.steps:>10.3f}{rate:>14.0f}{trl / value:>8.2f}x{limit / value:>10.2f}")
+    shared = seconds["polar shared_prefix"]
+    print(
+        json.dumps(
+            {
+                "speedup_vs_trl": round(trl / shared, 3),
+                "fraction_of_limit": round(limit / shared, 3),
+                "packed_speedup_vs_trl": round(trl / seconds["polar packed"], 3),
+                "padded_speedup_vs_trl": round(trl / seconds["polar padded"], 3),
+                "tokens_per_pair": round(tokens_per_row, 1),
+                "unique_tokens_per_pair": round(unique_per_row, 1),
+                "device": device,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

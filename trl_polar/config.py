@@ -1,0 +1,167 @@
+"""`PolarConfig`: `trl.RewardConfig` plus what POLAR training needs (template, batching, loss)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import RewardConfig
+
+from .template import (
+    CUT_SIDES,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_MAX_RESPONSE_LENGTH,
+    DEFAULT_REWARD_TOKEN,
+    DEFAULT_SEPARATOR,
+    RESERVED_TOKENS,
+    WRAPPERS,
+)
+
+BATCHING_MODES = ("padded", "packed", "shared_prefix")
+LOSS_TYPES = ("bradley_terry", "listwise")
+
+
+@dataclass
+class PolarConfig(RewardConfig):
+    """Configuration of `PolarRewardTrainer`.
+
+    Every `trl.RewardConfig` / `transformers.TrainingArguments` field is accepted; the fields below are added (and
+    ``max_length`` changes meaning: POLAR truncates inputs through its template instead of filtering rows out).
+
+    Example::
+
+        args = PolarConfig(output_dir="polar-rm", batching="shared_prefix", max_length=4096)
+    """
+
+    # ---------------------------------------------------------------------------------------------- the template
+    max_length: int | None = field(
+        default=DEFAULT_MAX_LENGTH,
+        metadata={
+            "help": "Token budget of one POLAR sequence (prompt twice, reference, candidate, 4 reserved tokens). "
+            "Unlike TRL's RewardConfig, longer rows are truncated the way POLAR's template does (responses keep "
+            "their first `max_response_length` tokens, the prompt keeps its last tokens), never dropped; truncated "
+            "rows are counted and logged. The released checkpoints use 16384."
+        },
+    )
+    max_response_length: int = field(
+        default=DEFAULT_MAX_RESPONSE_LENGTH,
+        metadata={"help": "The most tokens the reference and each candidate may keep (POLAR's default: 4096)."},
+    )
+    response_cut_side: str = field(
+        default="right",
+        metadata={
+            "help": "How an over-long reference or candidate is cut: 'right' keeps its start (as POLAR was trained), "
+            "'left' keeps its end.",
+            "choices": list(CUT_SIDES),
+        },
+    )
+    wrapper: str = field(
+        default="sft",
+        metadata={
+            "help": "Default input wrapper for rows without a `wrapper` column: 'sft' puts '\\n' between the prompt "
+            "and each response (the released checkpoints' format), 'pretrain' joins them directly.",
+            "choices": list(WRAPPERS),
+        },
+    )
+    separator: str = field(
+        default=DEFAULT_SEPARATOR,
+        metadata={"help": "Text between the reference half and the candidate half; added as a special token if new."},
+    )
+    reward_token: str = field(
+        default=DEFAULT_REWARD_TOKEN,
+        metadata={
+            "help": "Token appended to every input; the value head reads its hidden state. Added as a special token "
+            "if the tokenizer lacks it."
+        },
+    )
+    # ---------------------------------------------------------------------------------------------- the model
+    zero_init_head: bool = field(
+        default=True,
+        metadata={
+            "help": "Start a newly created value head at zero, as POLAR does (every input first scores 0). A "
+            "checkpoint that already has a trained head keeps it."
+        },
+    )
+    # ---------------------------------------------------------------------------------------------- batching
+    batching: str = field(
+        default="shared_prefix",
+        metadata={
+            "help": "How a batch is laid out. 'padded': TRL's layout, one padded row per sequence. 'packed': all "
+            "sequences concatenated into rows without padding, position ids restarting per sequence. "
+            "'shared_prefix': the prompt/reference prefix common to a row's candidates is computed once and each "
+            "candidate attends to it through a 4D mask (needs sdpa or eager attention; other attention "
+            "implementations fall back to 'packed'). All three give the same loss and gradients.",
+            "choices": list(BATCHING_MODES),
+        },
+    )
+    max_packed_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Most tokens per row in 'packed' and 'shared_prefix' batching; rows are filled greedily and a "
+            "group (pair or ranking) longer than this gets a row of its own. None: one group per row with sdpa or "
+            "eager attention (their cost grows with the square of the row length, so longer rows only cost more), "
+            "and 2 * max_length, as POLAR's own packing, with kernels that read packed rows natively (flash "
+            "attention)."
+        },
+    )
+    # ---------------------------------------------------------------------------------------------- the loss
+    loss_type: str = field(
+        default="bradley_terry",
+        metadata={
+            "help": "'bradley_terry': -log sigmoid(r_chosen - r_rejected), POLAR's pre-training and fine-tuning loss "
+            "(optional `margin` column and center_rewards_coefficient as in TRL). 'listwise': Plackett-Luce over "
+            "k-way rankings (a `candidates` column, best first); it equals Bradley-Terry for k = 2.",
+            "choices": list(LOSS_TYPES),
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_length is None:
+            raise ValueError(
+                "`max_length` cannot be None for POLAR: it is the template's token budget. Use 16384 (the released "
+                "checkpoints' value) or another positive integer."
+            )
+        for name in ("max_length", "max_response_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        # Two copies of the prompt need at least one token each, so every row fits: no row is ever dropped.
+        if self.max_length - RESERVED_TOKENS - 2 * self.max_response_length < 2:
+            raise ValueError(
+                f"`max_length`={self.max_length} is too small for `max_response_length`={self.max_response_length}: "
+                f"the reference and the candidate may take {2 * self.max_response_length} tokens plus "
+                f"{RESERVED_TOKENS} reserved, leaving no room for the prompt. Set max_length >= "
+                f"{2 * self.max_response_length + RESERVED_TOKENS + 2} or lower max_response_length."
+            )
+        self._check_choice("response_cut_side", CUT_SIDES)
+        self._check_choice("wrapper", WRAPPERS)
+        self._check_choice("batching", BATCHING_MODES)
+        self._check_choice("loss_type", LOSS_TYPES)
+        for name in ("separator", "reward_token"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"`{name}` must be a non-empty string, got {getattr(self, name)!r}.")
+        if self.max_packed_length is not None:
+            if isinstance(self.max_packed_length, bool) or not isinstance(self.max_packed_length, int):
+                raise ValueError(
+                    f"`max_packed_length` must be a positive integer or None, got {self.max_packed_length!r}."
+                )
+            if self.max_packed_length <= 0:
+                raise ValueError(f"`max_packed_length` must be positive, got {self.max_packed_length}.")
+        if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
+            raise ValueError(
+                "`center_rewards_coefficient` must be >= 0 (TRL recommends 0.01), got "
+                f"{self.center_rewards_coefficient}."
+            )
+
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+
+    def template_kwargs(self) -> dict:
+        """The `PolarTemplate` parameters this config sets (besides separator and reward token)."""
+        return {
+            "max_length": self.max_length,
+            "max_response_length": self.max_response_length,
+            "response_cut_side": self.response_cut_side,
+        }
