@@ -260,6 +260,16 @@ def train(
     run_training(*parse_train_args(ctx.args, str(config) if config else None))
 
 
+def _register_data_commands() -> None:
+    from .data.cli import build_data_command, convert_data_command
+
+    app.command("build-data")(build_data_command)
+    app.command("convert-data")(convert_data_command)
+
+
+_register_data_commands()
+
+
 def main() -> None:
     """Entry point of the `trl-polar` console script: user errors are one line, not a traceback."""
     try:

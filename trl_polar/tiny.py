@@ -134,3 +134,34 @@ def build_tiny_reward_model(tokenizer, arch: str = "qwen2", seed: int = 0, out_d
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
     return model
+
+
+def build_tiny_policy_pool(tokenizer, out_dir, num_policies: int = 4, seed: int = 0, **overrides) -> list[str]:
+    """Tiny random causal LMs that write recognisably different text: a policy pool for demos and tests.
+
+    Random weights alone give every policy near-uniform gibberish, which no discriminator can tell apart. So each
+    policy also gets a vocabulary of its own: ordinary tokens are split into ``num_policies`` disjoint slices and
+    a policy's generation config suppresses every token outside its slice (EOS stays allowed). A policy
+    discriminator can then learn what POLAR learns at scale: whether a candidate comes from the reference's policy.
+
+    Returns:
+        The saved policy directories, ``out_dir/policy_0`` ... (model, tokenizer and generation config each).
+    """
+    import random
+    from pathlib import Path
+
+    special = set(tokenizer.all_special_ids)
+    ordinary = [i for i in range(len(tokenizer)) if i not in special]
+    random.Random(seed).shuffle(ordinary)
+    paths = []
+    for k in range(num_policies):
+        allowed = set(ordinary[k::num_policies])
+        model = build_tiny_causal_lm(tokenizer, seed=seed * 1000 + k, **overrides)
+        model.generation_config.suppress_tokens = sorted(set(ordinary) - allowed)
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        path = Path(out_dir) / f"policy_{k}"
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(str(path))
+    return paths

@@ -1,0 +1,177 @@
+"""Converters of public preference formats, on small samples written from each format's documented shape."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from trl_polar import PolarTemplate, flatten
+from trl_polar.data import DataError, convert, read_rows
+from trl_polar.data.cli import app
+
+DATA = Path(__file__).parent / "data"
+EGG = [{"role": "user", "content": "How do I boil an egg?"}]
+BEST_EGG = "Simmer it for 9 minutes, then cool it in cold water."
+
+
+def test_k_way_rankings_give_reference_best_and_all_pairs_below_it():
+    result = convert("ranked", DATA / "ranked.jsonl")
+    triples = [(r["id"], r["reference"], r["chosen"], r["rejected"]) for r in result.rows]
+    assert triples == [
+        ("r1", "Red.", "Red is a primary colour.", "Green?"),
+        ("r1", "Red.", "Red is a primary colour.", "Purple."),
+        ("r1", "Red.", "Green?", "Purple."),
+        ("r2", "4", "It is 4.", "5"),  # explicit ranks, given out of order
+        ("r3", "Paris.", "Paris, I think.", "Lyon."),  # scores, higher is better
+    ]
+    assert [(r["reference"], r["candidates"]) for r in result.listwise] == [
+        ("Red.", ["Red is a primary colour.", "Green?", "Purple."]),
+        ("4", ["It is 4.", "5"]),
+        ("Paris.", ["Paris, I think.", "Lyon."]),
+    ]
+    assert result.counts["triples"] == 5 and result.counts["listwise_rows"] == 3
+    adjacent = convert("ranked", DATA / "ranked.jsonl", pairs="adjacent")
+    assert len(adjacent.rows) == 4  # r1 keeps 2nd>3rd and 3rd>4th only
+
+
+def test_converted_rows_build_with_the_template(tiny_tokenizer):
+    """The rows are what the trainer consumes: pairs and best-first rankings encode without change."""
+    template = PolarTemplate(tiny_tokenizer, max_length=512, max_response_length=128)
+    result = convert("ranked", DATA / "ranked.jsonl")
+    for row in result.rows:
+        pair = template.build_pair(row["prompt"], row["reference"], row["chosen"], row["rejected"])
+        assert pair.chosen.input_ids[-1] == template.reward_token_id
+    for row in result.listwise:
+        assert len(template.build_ranking(row["prompt"], row["reference"], row["candidates"])) == len(
+            row["candidates"]
+        )
+
+
+def test_ultrafeedback_ranks_by_score_and_ties_are_errors_or_counted():
+    with pytest.raises(DataError, match=r"ultrafeedback.jsonl:2: responses below the best share a rank or score"):
+        convert("ultrafeedback", DATA / "ultrafeedback.jsonl")
+    result = convert("ultrafeedback", DATA / "ultrafeedback.jsonl", ties="skip")
+    first = [r for r in result.rows if r["source"] == "evol_instruct"]
+    assert len(first) == 3 and {r["reference"] for r in first} == {
+        "Plants turn light, water and CO2 into sugar and oxygen."
+    }
+    second = [(r["chosen"], r["rejected"]) for r in result.rows if r["source"] == "flan_v2_niv2"]
+    assert second == [("Good morning / hello.", "Goodbye."), ("Hi there.", "Goodbye.")]  # the 4.0 = 4.0 tie: no pair
+    assert result.counts["tied_pairs_skipped"] == 1 and result.counts["listwise_skipped_ties"] == 1
+    assert len(result.listwise) == 1
+    overall = convert("ultrafeedback", DATA / "ultrafeedback.jsonl", ties="skip", score_key="overall_score")
+    assert overall.counts["triples"] == 5
+    with pytest.raises(DataError, match=r"completions\[0\] needs a 'response' string and a numeric 'missing'"):
+        convert("ultrafeedback", DATA / "ultrafeedback.jsonl", score_key="missing")
+
+
+def test_hh_rlhf_gives_rl_prompts_with_chosens_last_turn_as_reference():
+    result = convert("hh-rlhf", DATA / "hh_rlhf.jsonl")
+    assert result.rows == [
+        {"prompt": [{"role": "user", "content": "What is a good name for a cat?"}],
+         "reference": "Whiskers is a classic choice."},
+        {"prompt": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello, how can I help?"},
+                    {"role": "user", "content": "Tell me a fun fact."}],
+         "reference": "Octopuses have three hearts."},
+    ]  # fmt: skip
+    assert result.counts["duplicate_rows_removed"] == 1
+
+
+def test_rmb_pairwise_uses_the_top_answer_as_reference():
+    result = convert("rmb-pairwise", DATA / "rmb_pairwise.json")
+    assert [(r["id"], r["reference"], r["chosen"], r["rejected"]) for r in result.rows] == [
+        ("102", BEST_EGG, "Put it in water and heat it.", "Microwave it in its shell."),
+        ("103", BEST_EGG, "Boil water, add the egg, wait 8-10 minutes.", "Microwave it in its shell."),
+    ]
+    assert result.rows[0]["prompt"] == EGG and result.rows[0]["category"].endswith("Casual Conversation")
+    # Pairs 101 and 104 contain the reference; the haiku prompt has a single pair, which contains its top answer.
+    assert result.counts["pairs_containing_reference"] == 3 and result.counts["prompts_without_triples"] == 1
+
+
+def test_rmb_best_of_n_rows():
+    result = convert("rmb-bon", DATA / "rmb_bon.json")
+    assert [(r["id"], r["reference"], r["candidates"]) for r in result.rows] == [
+        ("3001", BEST_EGG, ["Boil water, add the egg, wait 8-10 minutes.", "Put it in water and heat it.",
+                            "Microwave it in its shell."]),
+        ("3003", BEST_EGG, ["Put it in water and heat it.", "Microwave it in its shell.", "Eggs cannot be boiled."]),
+    ]  # fmt: skip
+    from trl_polar.evaluation import detect_protocol
+
+    assert detect_protocol(result.rows[0]) == "best_of_n"  # what `trl-polar evaluate` reads
+    assert result.counts["records_best_is_reference"] == 1  # record 3002's winner is the reference itself
+
+
+def test_trl_preference_rows_with_a_reference_column(tmp_path):
+    result = convert("trl", DATA / "trl_preference.jsonl")
+    assert [r["margin"] for r in result.rows] == [1.0, 2.0]
+    assert result.rows[0]["reference"] == "The sky looks blue on a clear day."
+    implicit = convert("trl", DATA / "trl_implicit.jsonl")
+    assert implicit.rows == [{"prompt": [{"role": "user", "content": "Say hi."}], "reference": "Hello!",
+                              "chosen": [{"role": "assistant", "content": "Hi!"}],
+                              "rejected": [{"role": "assistant", "content": "No."}]}]  # fmt: skip
+    with pytest.raises(DataError, match=r"trl_preference.jsonl:1: no reference column 'gold'.*--reference-column"):
+        convert("trl", DATA / "trl_preference.jsonl", reference_column="gold")
+    from datasets import Dataset
+
+    rows = read_rows(DATA / "trl_preference.jsonl")
+    # Arrow needs one type per column: the in-memory copy keeps the references as plain text.
+    renamed = Dataset.from_list([{**{k: v for k, v in r.items() if k != "reference"}, "gold": flatten(r["reference"])}
+                                 for r in rows])  # fmt: skip
+    assert len(convert("trl", renamed, reference_column="gold").rows) == 2  # an in-memory TRL dataset works too
+
+
+def test_malformed_line_names_file_and_line_or_is_skipped_and_counted():
+    with pytest.raises(DataError, match=r"bad_line.jsonl:2: not valid JSON"):
+        convert("ranked", DATA / "bad_line.jsonl")
+    result = convert("ranked", DATA / "bad_line.jsonl", skip_invalid=True)
+    assert result.counts["skipped_invalid_json"] == 1 and {r["id"] for r in result.rows} == {"a", "c"}
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_missing_fields_empty_rankings_ties_and_duplicate_ids(tmp_path):
+    cases = {
+        "missing": ([{"id": 1, "responses": ["a", "b", "c"]}], r"missing.jsonl:1: missing field\(s\) \['prompt'\]"),
+        "empty": ([{"id": 1, "prompt": "p", "responses": []}], r"empty.jsonl:1: empty ranking"),
+        "few": ([{"id": 1, "prompt": "p", "responses": ["a", "b"]}], r"few.jsonl:1: .*at least 3 distinct"),
+        "top_tie": ([{"id": 1, "prompt": "p", "responses": [{"text": "a", "score": 2}, {"text": "b", "score": 2},
+                                                            {"text": "c", "score": 1}]}],
+                    r"top_tie.jsonl:1: 2 responses tie for the best rank"),
+        "dup": ([{"id": 7, "prompt": "p", "responses": ["a", "b", "c"]},
+                 {"id": 7, "prompt": "q", "responses": ["d", "e", "f"]}],
+                r"dup.jsonl:2: duplicate id id=7 \(first seen at .*dup.jsonl:1\)"),
+        "mixed": ([{"prompt": "p", "responses": [{"text": "a", "rank": 1}, {"text": "b", "score": 2}, "c"]}],
+                  r"mixed.jsonl:1: responses mix 'rank'"),
+    }  # fmt: skip
+    for name, (rows, message) in cases.items():
+        path = _jsonl(tmp_path / f"{name}.jsonl", rows)
+        with pytest.raises(DataError, match=message):
+            convert("ranked", path)
+    skipped = convert("ranked", tmp_path / "dup.jsonl", skip_invalid=True)
+    assert len(skipped.rows) == 1 and skipped.counts["skipped_duplicate_id"] == 1
+    tie = convert("ranked", tmp_path / "top_tie.jsonl", ties="skip")
+    assert tie.rows == [] and tie.counts["skipped_tie_at_top"] == 1
+    repeated = _jsonl(tmp_path / "repeat.jsonl", [{"prompt": "p", "responses": ["a", "b", "a", "c"]}])
+    result = convert("ranked", repeated)
+    assert result.counts["duplicate_responses"] == 1 and [r["rejected"] for r in result.rows] == ["c"]
+
+
+def test_convert_data_cli_writes_parquet_and_listwise_jsonl(tmp_path):
+    out, listwise = tmp_path / "triples.parquet", tmp_path / "listwise.jsonl"
+    args = ["convert-data", str(DATA / "ultrafeedback.jsonl"), "--format", "ultrafeedback", "--ties", "skip",
+            "--out", str(out), "--listwise-out", str(listwise)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["rows"] == 5 and report["counts"]["tied_pairs_skipped"] == 1
+    assert read_rows(out) == convert("ultrafeedback", DATA / "ultrafeedback.jsonl", ties="skip").rows
+    assert len(read_rows(listwise)) == 1
+    failed = CliRunner().invoke(app, ["convert-data", str(DATA / "bad_line.jsonl"), "--format", "ranked", "--out",
+                                      str(tmp_path / "x.jsonl")])  # fmt: skip
+    assert failed.exit_code != 0 and "bad_line.jsonl:2" in str(failed.exception)

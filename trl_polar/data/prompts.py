@@ -1,0 +1,302 @@
+"""Prompt sampling for POLAR pre-training data (paper §3.3, App. D.1.1).
+
+Most prompts are random initial segments of ordinary pre-training documents: for each document, a prefix of 1..N
+tokens (N = 1024 in the paper). A small share may be human instructions, which only chat policies answer (through
+their chat template). Everything is seeded per document, so the same corpus, tokenizer and seed always give the same
+prompts, in the same order, whatever else changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..template import flatten
+from .io import DataError
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("prefix", "instruction")
+# A token is rarely longer than this many characters; tokenizing only the start of a long document keeps sampling
+# fast on book-length texts (the whole document is tokenized when the start turns out to be too short).
+_CHARS_PER_TOKEN_BOUND = 16
+
+
+@dataclass
+class PromptConfig:
+    """How prompts are sampled from a text corpus and an optional instruction set."""
+
+    num_prompts: int | None = field(
+        default=None,
+        metadata={"help": "Total prompts to sample. None: one prefix per corpus document plus the instruction share."},
+    )
+    max_prefix_tokens: int = field(
+        default=1024, metadata={"help": "The longest prefix, in tokens of the sampling tokenizer (paper: 1024)."}
+    )
+    min_prefix_tokens: int = field(default=1, metadata={"help": "The shortest prefix, in tokens (paper: 1)."})
+    instruction_share: float = field(
+        default=0.0,
+        metadata={"help": "Share of prompts drawn from the instruction set (0..1); only chat policies answer them."},
+    )
+    text_column: str = field(default="text", metadata={"help": "Corpus column holding the document text."})
+    instruction_column: str = field(
+        default="prompt",
+        metadata={
+            "help": "Instruction-set column: a string (one user turn) or a message list; trailing assistant turns "
+            "are dropped so the prompt ends with the user's turn."
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of document order, prefix lengths and the mix."})
+    dedup: bool = field(default=True, metadata={"help": "Remove exact duplicate prompts (each removal is counted)."})
+
+    def __post_init__(self) -> None:
+        if self.num_prompts is not None and (isinstance(self.num_prompts, bool) or self.num_prompts <= 0):
+            raise ValueError(f"`num_prompts` must be a positive integer or None, got {self.num_prompts!r}.")
+        if not 1 <= self.min_prefix_tokens <= self.max_prefix_tokens:
+            raise ValueError(
+                f"Need 1 <= min_prefix_tokens <= max_prefix_tokens, got {self.min_prefix_tokens} and "
+                f"{self.max_prefix_tokens}."
+            )
+        if not 0.0 <= self.instruction_share <= 1.0:
+            raise ValueError(f"`instruction_share` must lie in [0, 1], got {self.instruction_share!r}.")
+
+
+@dataclass
+class PromptSet:
+    """Sampled prompts and what sampling skipped.
+
+    Each row has ``prompt_id``, ``kind`` ("prefix" or "instruction"), ``prompt`` (the plain text the reward model
+    reads), ``messages`` (the message list a chat policy is given; None for prefixes), ``wrapper`` ("pretrain" for
+    prefixes, which continue raw text, "sft" for instructions), ``source_index`` and ``prefix_tokens``.
+    """
+
+    rows: list[dict[str, Any]]
+    counts: Counter
+    config: PromptConfig
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def fingerprint(self) -> str:
+        """A hash of every prompt, to check that a resumed run sees exactly the prompts it started with."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for row in self.rows:
+            digest.update(f"{row['prompt_id']}\x00{row['prompt']}\x00".encode())
+        return digest.hexdigest()
+
+
+def _rng(seed: int, *parts: Any) -> random.Random:
+    # String seeds hash with SHA-512 inside `random`, so they do not depend on PYTHONHASHSEED or the process.
+    return random.Random("/".join(str(p) for p in (seed, *parts)))
+
+
+def load_corpus(source: Any, column: str, split: str = "train"):
+    """A `datasets.Dataset` from a dataset object, a file (.txt/.jsonl/.json/.parquet), a list of files or a dir.
+
+    ``.txt`` files hold one document per line (the `datasets` text builder); use .jsonl for multi-line documents.
+    """
+    from datasets import Dataset, DatasetDict, load_dataset
+
+    if isinstance(source, DatasetDict):
+        source = source[split]
+    if isinstance(source, Dataset):
+        dataset = source
+    elif isinstance(source, Sequence) and not isinstance(source, str) and source and isinstance(source[0], Mapping):
+        dataset = Dataset.from_list(list(source))
+    else:
+        files = [str(source)] if isinstance(source, (str, os.PathLike)) else [str(s) for s in source]
+        if len(files) == 1 and os.path.isdir(files[0]):
+            dataset = load_dataset(files[0], split=split)
+        else:
+            builders = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+            suffixes = {os.path.splitext(f)[1].lower() for f in files}
+            if len(suffixes) != 1 or next(iter(suffixes)) not in builders:
+                raise DataError(
+                    f"Corpus files must share one suffix among {sorted(builders)}, got {sorted(suffixes)} ({files})."
+                )
+            missing = [f for f in files if not os.path.isfile(f)]
+            if missing:
+                raise FileNotFoundError(f"Corpus file(s) {missing} do not exist (looked from {os.getcwd()}).")
+            dataset = load_dataset(builders[suffixes.pop()], data_files=files, split="train")
+    if column not in dataset.column_names:
+        raise DataError(
+            f"The dataset has no column {column!r} (it has {dataset.column_names}). Name the right one with "
+            "text_column= / --text-column (corpus) or instruction_column= / --instruction-column (instructions)."
+        )
+    return dataset
+
+
+def _prefix(text: str, tokenizer: Any, length: int) -> tuple[str, int]:
+    """The first ``length`` tokens of ``text`` as an exact substring of it (and how many tokens that is)."""
+    window = text[: length * _CHARS_PER_TOKEN_BOUND]
+    encoding = tokenizer(window, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)
+    ids = encoding["input_ids"]
+    if len(ids) < length and len(window) < len(text):
+        window = text
+        encoding = tokenizer(window, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)
+        ids = encoding["input_ids"]
+    n = min(length, len(ids))
+    if n == 0:
+        return "", 0
+    if tokenizer.is_fast:
+        # Cutting at a character offset keeps the prompt an exact substring of the document; decoding the ids instead
+        # can split a multi-byte character (byte-level BPE) and leave a replacement character at the end.
+        return window[: encoding["offset_mapping"][n - 1][1]], n
+    return tokenizer.decode(ids[:n], skip_special_tokens=True), n
+
+
+def _instruction_messages(value: Any, location: str) -> list[dict[str, str]] | None:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}] if value.strip() else None
+    if isinstance(value, Sequence) and value and all(isinstance(m, Mapping) for m in value):
+        messages = [dict(m) for m in value]
+        for i, m in enumerate(messages):
+            if not isinstance(m.get("content"), str) or "role" not in m:
+                raise DataError(
+                    f"{location}: message {i} needs 'role' and a string 'content', got {m!r:.80}. "
+                    "Use OpenAI-style messages like {'role': 'user', 'content': '...'}."
+                )
+        while messages and messages[-1]["role"] == "assistant":
+            messages.pop()
+        return [{"role": m["role"], "content": m["content"]} for m in messages] or None
+    raise DataError(
+        f"{location}: an instruction must be a string or a list of messages, got {type(value).__name__}: "
+        f"{value!r:.80}. Name the right column with --instruction-column."
+    )
+
+
+def sample_prompts(corpus: Any, tokenizer: Any, config: PromptConfig | None = None, instructions: Any = None):
+    """Sample POLAR pre-training prompts; see `PromptConfig` and `PromptSet`.
+
+    Args:
+        corpus: documents (see `load_corpus`), read from ``config.text_column``.
+        tokenizer: the tokenizer that measures prefix lengths (any Hugging Face tokenizer).
+        config: sampling settings; defaults as in the paper (1..1024-token prefixes, no instructions).
+        instructions: an optional instruction set (see `load_corpus`), read from ``config.instruction_column``.
+
+    Documents are visited in a seeded random order; empty documents and exact duplicate prompts are skipped and
+    counted (``counts``). Asking for more prompts than the corpus can give is an error.
+    """
+    config = config or PromptConfig()
+    docs = load_corpus(corpus, config.text_column)
+    instr = load_corpus(instructions, config.instruction_column) if instructions is not None else None
+    if config.instruction_share > 0 and instr is None:
+        raise DataError(
+            f"instruction_share={config.instruction_share} needs an instruction set: pass instructions= "
+            "(--instructions FILE)."
+        )
+    if config.num_prompts is None:
+        share = config.instruction_share
+        n_prefix = len(docs) if share < 1 else 0
+        n_instr = round(n_prefix * share / (1 - share)) if share < 1 else len(instr)
+        if instr is not None:
+            n_instr = min(n_instr, len(instr))
+    else:
+        n_instr = round(config.num_prompts * config.instruction_share)
+        n_prefix = config.num_prompts - n_instr
+
+    counts: Counter = Counter()
+    seen: set[str] = set()
+    rows: list[dict[str, Any]] = []
+
+    def keep(text: str) -> bool:
+        if config.dedup and text in seen:
+            counts["duplicate_prompts"] += 1
+            return False
+        seen.add(text)
+        return True
+
+    order = list(range(len(docs)))
+    _rng(config.seed, "doc-order").shuffle(order)
+    column = docs[config.text_column]
+    taken = 0
+    for index in order:
+        if taken == n_prefix:
+            break
+        text = column[index]
+        if not isinstance(text, str):
+            raise DataError(
+                f"corpus row {index}: column {config.text_column!r} must hold text, got {type(text).__name__}."
+            )
+        if not text.strip():
+            counts["empty_documents"] += 1
+            continue
+        length = _rng(config.seed, "prefix", index).randint(config.min_prefix_tokens, config.max_prefix_tokens)
+        prompt, n_tokens = _prefix(text, tokenizer, length)
+        if not prompt.strip():
+            counts["empty_prefixes"] += 1
+            continue
+        if n_tokens < length:
+            # The document was shorter than the drawn length; the whole document is the prompt. Not an error.
+            counts["short_documents"] += 1
+        if not keep(prompt):
+            continue
+        rows.append(
+            {
+                "prompt_id": f"prefix-{index}",
+                "kind": "prefix",
+                "prompt": prompt,
+                "messages": None,
+                "wrapper": "pretrain",
+                "source_index": index,
+                "prefix_tokens": n_tokens,
+            }
+        )
+        taken += 1
+    # Without num_prompts every usable document gives one prompt, so skipped documents are no shortfall.
+    if taken < n_prefix and config.num_prompts is not None:
+        raise DataError(
+            f"The corpus gave only {taken} usable prefix prompts of the {n_prefix} asked for ({len(docs)} documents; "
+            f"skipped: {dict(counts)}). Lower --num-prompts or add documents."
+        )
+
+    if n_instr:
+        order = list(range(len(instr)))
+        _rng(config.seed, "instruction-order").shuffle(order)
+        column = instr[config.instruction_column]
+        taken = 0
+        for index in order:
+            if taken == n_instr:
+                break
+            messages = _instruction_messages(column[index], f"instruction row {index}")
+            if messages is None:
+                counts["empty_instructions"] += 1
+                continue
+            prompt = flatten(messages, "instruction")
+            if not keep(prompt):
+                continue
+            rows.append(
+                {
+                    "prompt_id": f"instruction-{index}",
+                    "kind": "instruction",
+                    "prompt": prompt,
+                    "messages": messages,
+                    "wrapper": "sft",
+                    "source_index": index,
+                    "prefix_tokens": None,
+                }
+            )
+            taken += 1
+        if taken < n_instr and config.num_prompts is not None:
+            raise DataError(
+                f"The instruction set gave only {taken} usable prompts of the {n_instr} asked for ({len(instr)} rows; "
+                f"skipped: {dict(counts)}). Lower --instruction-share or add instructions."
+            )
+
+    _rng(config.seed, "mix").shuffle(rows)
+    if counts:
+        logger.info("prompt sampling skipped: %s", dict(counts))
+    n_instr = sum(row["kind"] == "instruction" for row in rows)
+    logger.info("sampled %d prompts (%d prefix, %d instruction)", len(rows), len(rows) - n_instr, n_instr)
+    return PromptSet(rows, counts, config)
+
+
+def config_dict(config: PromptConfig) -> dict[str, Any]:
+    return asdict(config)
