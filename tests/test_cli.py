@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from transformers import AutoTokenizer
 
 from trl_polar import PolarTemplate, __version__
@@ -129,3 +130,30 @@ def test_train_from_yaml_with_flag_overrides(tmp_path, tiny_qwen2_lm_dir):
     config.write_text("learning_rat: 0.1\n")
     bad = run_cli("train", "--config", str(config))
     assert bad.returncode == 1 and "unknown field(s) ['learning_rat']" in bad.stderr
+
+
+def test_score_and_evaluate_commands(tmp_path, tiny_qwen2_rm_dir):
+    from trl_polar.scoring import PolarScorer
+
+    rows = [{"prompt": f"What is {i} + {i}?", "reference": str(2 * i), "output": f"It is {2 * i + k}."}
+            for i in range(3) for k in range(2)]  # fmt: skip
+    data = tmp_path / "in.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = run_cli("score", "--model", tiny_qwen2_rm_dir, "--data", str(data), "--output", str(tmp_path / "out.jsonl"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    scored = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    expected = PolarScorer(tiny_qwen2_rm_dir).score(
+        [r["prompt"] for r in rows], [r["reference"] for r in rows], [r["output"] for r in rows]
+    )
+    assert [r["reward"] for r in scored] == pytest.approx(expected, abs=1e-5)
+    assert [r["output"] for r in scored] == [r["output"] for r in rows]
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps(
+        {"prompt": r["prompt"], "reference": r["reference"], "chosen": r["output"], "rejected": "no idea"}
+    ) for r in rows) + "\n")  # fmt: skip
+    out = run_cli("evaluate", "--model", tiny_qwen2_rm_dir, "--data", str(pairs), "--out", str(tmp_path / "eval"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["protocol"] == "pairwise" and report["num_rows"] == 6
+    assert f"- accuracy: {report['accuracy']:.4f}" in out.stdout

@@ -1,0 +1,196 @@
+"""PolarScorer: exact against a plain per-item forward, budgeted, shared-prefix, file scoring."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from trl_polar.scoring import PolarScorer, score_file
+from trl_polar.template import PolarTemplate
+
+PROMPT_A = "What is 2 + 2? Let me think step by step about the answer."
+PROMPT_B = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Translate to French: good morning"},
+]
+PROMPTS = [PROMPT_A] * 5 + [PROMPT_B] * 3 + ["A lone prompt", PROMPT_A]
+REFERENCES = ["The answer is 4."] * 5 + ["bonjour"] * 3 + ["lone reference", "A different reference: 4"]
+CANDIDATES = [
+    "4",
+    "The answer is 4. The quick brown fox jumps over the lazy dog, twice: the quick brown fox jumps again.",
+    "five",
+    "",
+    "The answer is 4.",
+    [{"role": "assistant", "content": "bonjour"}],
+    "good morning -> bonjour, le matin",
+    "bonjour " * 30,
+    "lone candidate",
+    "4",
+]
+
+
+def _load(path, attn="sdpa"):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation=attn).eval()
+    return model, PolarTemplate.from_pretrained(path)
+
+
+def _plain_scores(model, template, prompts, references, candidates):
+    """The reference implementation: one unpadded sequence at a time through the model's own forward."""
+    with torch.no_grad():
+        return [
+            model(input_ids=torch.tensor([template.encode(p, r, c)])).logits[0, 0].item()
+            for p, r, c in zip(prompts, references, candidates, strict=True)
+        ]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_scores_equal_plain_forward(arch, attn, request):
+    path = request.getfixturevalue(f"tiny_{arch}_rm_dir")
+    model, template = _load(path, attn)
+    expected = _plain_scores(model, template, PROMPTS, REFERENCES, CANDIDATES)
+    # A large budget packs both groups into one batch (right-padded prefixes, per-row positions and mask); a small
+    # one gives each group its own cached batches, the larger group split into chunks that share its prefix cache.
+    for budget, fast_kinds in ((4096, {"packed"}), (400, {"cached"})):
+        scorer = PolarScorer(model, template, max_tokens_per_batch=budget, device="cpu")
+        got = scorer.score(PROMPTS, REFERENCES, CANDIDATES)
+        assert got == pytest.approx(expected, abs=1e-5), budget
+        assert {mb.kind for mb in scorer.last_plan} == fast_kinds | {"plain"}
+        # The two groups with >= 2 candidates share a prefix; the lone item and the odd reference go plain.
+        fast = sorted(i for mb in scorer.last_plan if mb.kind != "plain" for i in mb.indices)
+        assert fast == list(range(8))
+    assert len([mb for mb in scorer.last_plan if mb.group == 0]) >= 2, "the first group must span several batches"
+
+
+def test_shared_prefix_off_and_small_budget_give_same_scores(tiny_qwen2_rm_dir):
+    model, template = _load(tiny_qwen2_rm_dir)
+    fast = PolarScorer(model, template, max_tokens_per_batch=4096, device="cpu").score(PROMPTS, REFERENCES, CANDIDATES)
+    plain_scorer = PolarScorer(model, template, max_tokens_per_batch=4096, device="cpu", shared_prefix=False)
+    plain = plain_scorer.score(PROMPTS, REFERENCES, CANDIDATES)
+    assert {mb.kind for mb in plain_scorer.last_plan} == {"plain"}
+    # A budget below one sequence: every item runs alone, a group's prefix is reused across its chunks.
+    tiny_budget = PolarScorer(model, template, max_tokens_per_batch=8, device="cpu")
+    single = tiny_budget.score(PROMPTS, REFERENCES, CANDIDATES)
+    assert all(len(mb.indices) == 1 for mb in tiny_budget.last_plan)
+    assert fast == pytest.approx(plain, abs=1e-5)
+    assert single == pytest.approx(plain, abs=1e-5)
+
+
+def test_budget_bounds_every_forward(tiny_qwen2_rm_dir):
+    """Count the key/value positions of every real forward pass: each stays under the budget."""
+    model, template = _load(tiny_qwen2_rm_dir)
+    budget = 300
+    scorer = PolarScorer(model, template, max_tokens_per_batch=budget, device="cpu")
+    seen = []
+
+    def record(module, args, kwargs):
+        ids = kwargs["input_ids"]
+        cache = kwargs.get("cache") or kwargs.get("past_key_values")
+        cached = cache.get_seq_length() if cache is not None else 0
+        seen.append((ids.shape[0], ids.shape[0] * (cached + ids.shape[1])))
+
+    handle = scorer._backbone.register_forward_pre_hook(record, with_kwargs=True)
+    prompts = [PROMPT_A] * 16 + [f"prompt number {i}" for i in range(16)]
+    references = ["The answer is 4."] * 16 + [f"reference {i}" for i in range(16)]
+    candidates = [("word " * (i % 7 + 1)).strip() for i in range(32)]
+    try:
+        scorer.score(prompts, references, candidates)
+    finally:
+        handle.remove()
+    assert len(seen) >= 3
+    for rows, tokens in seen:
+        assert tokens <= budget or rows == 1, (rows, tokens)
+    # The plan agrees with what ran, and scored every item exactly once.
+    assert sorted(i for mb in scorer.last_plan for i in mb.indices) == list(range(32))
+    assert all(mb.tokens <= budget or len(mb.indices) == 1 for mb in scorer.last_plan)
+
+
+def test_truncated_items_still_exact(tiny_tokenizer_dir, tiny_qwen2_rm_dir):
+    model, _ = _load(tiny_qwen2_rm_dir)
+    template = PolarTemplate.from_pretrained(tiny_qwen2_rm_dir, max_length=96, max_response_length=24)
+    prompts = ["The quick brown fox jumps over the lazy dog. " * 6] * 3
+    references = ["A reward model scores how close a candidate answer is to a reference answer."] * 3
+    candidates = ["short", "1 2 3 4 5 6 7 8 9 10 11 12 100 1000 " * 4, "medium length candidate answer here"]
+    scorer = PolarScorer(model, template, device="cpu", min_prefix_tokens=1)
+    got = scorer.score(prompts, references, candidates)
+    assert scorer.last_stats["truncated"] >= 1
+    assert got == pytest.approx(_plain_scores(model, template, prompts, references, candidates), abs=1e-5)
+
+
+def test_length_mismatch_names_the_lists(tiny_qwen2_rm_dir):
+    scorer = PolarScorer(tiny_qwen2_rm_dir, device="cpu")
+    with pytest.raises(ValueError, match=r"prompts=2, references=1, candidates=2"):
+        scorer.score(["a", "b"], ["r"], ["c", "d"])
+    with pytest.raises(ValueError, match=r"`candidates` must be a list"):
+        scorer.score(["a"], ["r"], "c")
+    assert scorer.score([], [], []) == []
+
+
+def test_loads_from_path_with_dtype(tiny_qwen2_rm_dir):
+    fp32 = PolarScorer(tiny_qwen2_rm_dir, device="cpu", dtype="auto")
+    assert next(fp32.model.parameters()).dtype == torch.float32  # "auto" is bf16 only on a GPU
+    bf16 = PolarScorer(tiny_qwen2_rm_dir, device="cpu", dtype="bf16")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    a = fp32.score(PROMPTS, REFERENCES, CANDIDATES)
+    b = bf16.score(PROMPTS, REFERENCES, CANDIDATES, show_progress=True)
+    assert all(isinstance(x, float) for x in b)
+    assert b == pytest.approx(a, abs=0.1)
+    with pytest.raises(ValueError, match="dtype"):
+        PolarScorer(tiny_qwen2_rm_dir, device="cpu", dtype="float8")
+
+
+def test_score_file_roundtrip(tmp_path, tiny_qwen2_rm_dir):
+    data = tmp_path / "in.jsonl"
+    rows = [
+        {"prompt": p, "reference": r, "output": c, "id": i}
+        for i, (p, r, c) in enumerate(zip(PROMPTS[:4], REFERENCES[:4], CANDIDATES[:4], strict=True))
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
+    out = tmp_path / "sub" / "out.jsonl"
+    summary = score_file(tiny_qwen2_rm_dir, data, out, device="cpu", show_progress=False)
+    written = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    expected = PolarScorer(tiny_qwen2_rm_dir, device="cpu").score(PROMPTS[:4], REFERENCES[:4], CANDIDATES[:4])
+    assert [w["id"] for w in written] == [0, 1, 2, 3]
+    assert [w["reward"] for w in written] == pytest.approx(expected, abs=1e-6)
+    assert summary["rows"] == 4 and summary["min"] <= summary["mean"] <= summary["max"]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "reference": "r", "output": "c"}) + "\n{not json\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2 is not valid JSON"):
+        score_file(tiny_qwen2_rm_dir, bad, tmp_path / "x.jsonl", device="cpu")
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(json.dumps({"prompt": "p", "output": "c"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"row 1 has no 'reference' value"):
+        score_file(tiny_qwen2_rm_dir, missing, tmp_path / "x.jsonl", device="cpu")
+
+
+def test_parallel_encoding_matches_serial(tiny_qwen2_rm_dir):
+    model, template = _load(tiny_qwen2_rm_dir)
+    prompts = [f"prompt {i % 5}: " + "the quick brown fox " * (i % 3 + 1) for i in range(40)]
+    references = [f"reference {i % 5}" for i in range(40)]
+    candidates = [("word " * (i % 9)).strip() for i in range(40)]
+    serial = PolarScorer(model, template, device="cpu", encode_workers=1).encode(prompts, references, candidates)
+    parallel = PolarScorer(model, template, device="cpu", encode_workers=3)
+    assert parallel.encode(prompts, references, candidates) == serial
+    assert serial == [template.encode(p, r, c) for p, r, c in zip(prompts, references, candidates, strict=True)]
+
+
+def test_peft_wrapped_model(tiny_qwen2_rm_dir):
+    """A LoRA-trained reward model scores through its adapters and its trained head, exactly."""
+    from peft import LoraConfig, get_peft_model
+
+    model, template = _load(tiny_qwen2_rm_dir)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS", init_lora_weights=False)
+    peft_model = get_peft_model(model, config).eval()
+    expected = _plain_scores(peft_model, template, PROMPTS[:8], REFERENCES[:8], CANDIDATES[:8])
+    scorer = PolarScorer(peft_model, template, device="cpu")
+    got = scorer.score(PROMPTS[:8], REFERENCES[:8], CANDIDATES[:8])
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert "packed" in {mb.kind for mb in scorer.last_plan}
+    with peft_model.disable_adapter():
+        without = _plain_scores(peft_model, template, PROMPTS[:8], REFERENCES[:8], CANDIDATES[:8])
+    assert max(abs(a - b) for a, b in zip(without, got, strict=True)) > 1e-4, "the adapters must take part"

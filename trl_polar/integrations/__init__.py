@@ -1,0 +1,131 @@
+"""Adapters that let PPO engines outside TRL use POLAR rewards: verl (`verl.compute_score_batch`) and OpenRLHF
+(`openrlhf.reward_func`).
+
+Both engines load a reward *file* by path (verl's ``custom_reward_function.path``, OpenRLHF's ``--remote_rm_url``),
+so the adapter modules import only absolute ``trl_polar`` names and take their settings from the environment:
+
+- ``TRL_POLAR_MODEL``: the saved POLAR reward model (required, unless the config file names it);
+- ``TRL_POLAR_CONFIG``: a JSON or YAML file with any of the keys below (environment variables win);
+- ``TRL_POLAR_DEVICE`` (default: cuda if available, else cpu), ``TRL_POLAR_DTYPE`` (default "auto": bf16 on GPU),
+  ``TRL_POLAR_MAX_TOKENS`` (micro-batch token budget), ``TRL_POLAR_STRIP_THINK`` (default 1),
+  ``TRL_POLAR_WRAPPER`` (default "sft"), ``TRL_POLAR_BASELINE`` (default 0), ``TRL_POLAR_CLIP`` (e.g. "10" or
+  "-10,5"), ``TRL_POLAR_SIGMOID_SCALE``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Any
+
+ENV_PREFIX = "TRL_POLAR_"
+_KEYS = {
+    "model": str,
+    "device": str,
+    "dtype": str,
+    "max_tokens": int,
+    "strip_think": bool,
+    "wrapper": str,
+    "baseline": bool,
+    "clip": str,
+    "sigmoid_scale": float,
+}
+_DEFAULTS = {"strip_think": True, "wrapper": "sft", "baseline": False, "dtype": "auto", "max_tokens": 16384}
+_lock = threading.Lock()
+_rewards: dict[tuple, Any] = {}
+
+
+def _parse(key: str, value: Any, source: str) -> Any:
+    kind = _KEYS[key]
+    if value is None or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    text = str(value).strip()
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(text)
+        return kind(text)
+    except ValueError:
+        expected = {int: "an integer", float: "a number", bool: "a boolean (1/0, true/false)"}.get(kind, "a string")
+        raise ValueError(f"{source} must be {expected}, got {value!r}.") from None
+
+
+def load_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """The adapter settings: defaults, then the ``TRL_POLAR_CONFIG`` file, then ``TRL_POLAR_*`` variables."""
+    environ = os.environ if environ is None else environ
+    config = dict(_DEFAULTS)
+    path = environ.get(ENV_PREFIX + "CONFIG")
+    if path:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+        unknown = sorted(set(data) - set(_KEYS))
+        if unknown:
+            raise ValueError(f"{path} has unknown keys {unknown}; the keys are {sorted(_KEYS)}.")
+        config.update({k: _parse(k, v, f"{path}: {k!r}") for k, v in data.items()})
+    for key in _KEYS:
+        name = ENV_PREFIX + key.upper()
+        if name in environ:
+            config[key] = _parse(key, environ[name], name)
+    if not config.get("model"):
+        raise ValueError(
+            "No POLAR reward model configured: set TRL_POLAR_MODEL=/path/to/polar-rm (a model saved by trl-polar or "
+            "converted with `trl-polar convert`), or name it as `model` in the TRL_POLAR_CONFIG file."
+        )
+    return config
+
+
+def _clip(text: str | None) -> Any:
+    if text in (None, ""):
+        return None
+    parts = [float(p) for p in str(text).split(",")]
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def get_reward(environ: dict[str, str] | None = None) -> Any:
+    """The process-wide `PolarReward` for the current settings, built once (engines call from threads)."""
+    config = load_config(environ)
+    key = tuple(sorted((k, str(v)) for k, v in config.items()))
+    with _lock:
+        if key not in _rewards:
+            import torch
+
+            from trl_polar.rewards import PolarReward
+            from trl_polar.scoring import PolarScorer
+
+            # Engines place their workers with Ray or torchrun, not accelerate: pick the device here, never from
+            # accelerate's state, which would try to join the engine's process group.
+            device = config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+            scorer = PolarScorer(
+                config["model"], max_tokens_per_batch=config["max_tokens"], device=device, dtype=config["dtype"]
+            )
+            _rewards[key] = PolarReward(
+                scorer,
+                strip_think=config["strip_think"],
+                wrapper=config["wrapper"],
+                baseline=config["baseline"],
+                clip=_clip(config.get("clip")),
+                sigmoid_scale=config.get("sigmoid_scale"),
+                on_missing_reference="error",
+            )
+        return _rewards[key]
+
+
+def to_python(value: Any) -> Any:
+    """Numpy arrays and scalars (how parquet columns arrive) as plain lists, dicts and numbers."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return to_python(value.tolist())
+    if isinstance(value, dict):
+        return {k: to_python(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_python(v) for v in value]
+    return value

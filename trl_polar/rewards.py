@@ -1,0 +1,343 @@
+"""PolarReward: POLAR as a reward function for TRL's GRPOTrainer and RLOOTrainer.
+
+TRL calls a reward function with keyword arguments only: ``prompts``, ``completions``, ``completion_ids``,
+``trainer_state``, ``log_extra``, ``log_metric`` and every dataset column (already repeated once per completion), and
+expects one float or None per completion. `PolarReward` reads the reference from a dataset column, scores each
+(prompt, reference, completion) triple with a `PolarScorer` and returns the rewards.
+
+It is deliberately a plain class and not an ``nn.Module``: TRL treats any module in ``reward_funcs`` as a reward
+*model* and would tokenize prompt + completion for it, without the reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from .template import Text, flatten
+
+logger = logging.getLogger(__name__)
+
+AGGREGATES = ("mean", "max", "min")
+NORMALIZATIONS = (None, "group", "batch")
+ON_MISSING = ("none", "error")
+MODEL_ENV = "TRL_POLAR_MODEL"
+
+_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
+_THINK_OPEN = re.compile(r"<think>.*", re.DOTALL)
+
+
+def strip_think(text: str) -> str:
+    """Remove reasoning: ``<think>…</think>`` blocks, anything before a lone ``</think>`` (chat templates that
+    open the block in the prompt) and an unclosed ``<think>`` to the end (a truncated answer has no answer).
+
+    >>> strip_think("<think>2+2 is 4</think>The answer is 4.")
+    'The answer is 4.'
+    >>> strip_think("reasoning only</think> 4")
+    '4'
+    """
+    text = _THINK_BLOCK.sub("", text)
+    if "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
+    return _THINK_OPEN.sub("", text).strip()
+
+
+def completion_text(completion: Text | None, index: int = 0) -> str:
+    """The text of a completion as TRL passes it: a string, or a list of messages (with tools, several; messages
+    without string content, such as bare tool calls, carry no text to score)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, Sequence) and not isinstance(completion, (bytes, Mapping)):
+        kept = [m for m in completion if isinstance(m, Mapping) and isinstance(m.get("content"), str)]
+        return flatten(kept, f"completions[{index}]")
+    raise ValueError(
+        f"`completions[{index}]` must be a string or a list of messages, got {type(completion).__name__}: "
+        f"{completion!r:.80}."
+    )
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    return isinstance(value, Sequence) and len(value) == 0
+
+
+def _as_reference_list(value: Any) -> list[Text]:
+    """A row's references: one string, one message list, or a list of several of those."""
+    if hasattr(value, "tolist") and not isinstance(value, str):  # numpy / pandas arrays from parquet
+        value = value.tolist()
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Sequence) and value and all(isinstance(v, Mapping) for v in value):
+        return [value]  # one conversational reference
+    if isinstance(value, Sequence):
+        return [v for v in value if not _is_missing(v)]
+    return [value]
+
+
+class PolarReward:
+    """POLAR reward for TRL's GRPO/RLOO: ``r(prompt, reference, completion)``, reference from a dataset column.
+
+    Args:
+        model_or_scorer: a saved POLAR model path (loaded lazily, on first use, on this rank's device), a loaded
+            reward model, a `PolarScorer`, or any object with ``.score(prompts, references, candidates)`` (a remote
+            client). None reads the model path from the ``TRL_POLAR_MODEL`` environment variable.
+        reference_column: the dataset column holding the reference (gold) answer. A row may hold a list of
+            references; their rewards are combined with ``aggregate``.
+        aggregate: "mean", "max" or "min" over a row's references.
+        on_missing_reference: "none" returns None for a row without a reference (TRL then ignores the row for this
+            reward), "error" raises, naming the row.
+        strip_think: remove ``<think>…</think>`` from completions before scoring (upstream's RL recipe does).
+        wrapper: "sft" (default) or "pretrain", the template wrapper.
+        baseline: subtract r(prompt, reference, reference), so a copy of the reference scores exactly 0.
+        normalize: None (default), "group" (z-score among the completions of one prompt in this call) or "batch"
+            (z-score over the call).
+        clip: ``(low, high)`` or a single ``c`` for ``(-c, c)``, applied after normalisation.
+        sigmoid_scale: map the reward through ``sigmoid(reward / sigmoid_scale)``, last.
+        name: the metric name TRL logs this reward under (``rewards/<name>/mean``).
+        log_stats: log raw-reward statistics through TRL's ``log_metric``.
+        scorer_kwargs: passed to `PolarScorer` when a path or model is given (``max_tokens_per_batch``, ``dtype``,
+            ``device``, ...).
+
+    Raw POLAR rewards are about 0 for a copy of the reference and -7 to -11 for wrong answers; GRPO's group
+    normalisation makes the offset irrelevant, so normalisation is off by default, as in the paper.
+    """
+
+    __name__ = "polar_reward"
+
+    def __init__(
+        self,
+        model_or_scorer: Any = None,
+        *,
+        reference_column: str = "reference",
+        aggregate: Literal["mean", "max", "min"] = "mean",
+        on_missing_reference: Literal["none", "error"] = "none",
+        strip_think: bool = False,
+        wrapper: str = "sft",
+        baseline: bool = False,
+        normalize: Literal["group", "batch"] | None = None,
+        clip: float | tuple[float, float] | None = None,
+        sigmoid_scale: float | None = None,
+        eps: float = 1e-6,
+        name: str = "polar_reward",
+        log_stats: bool = True,
+        **scorer_kwargs: Any,
+    ) -> None:
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"`aggregate` must be one of {AGGREGATES}, got {aggregate!r}.")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(
+                f"`normalize` must be one of {NORMALIZATIONS}, got {normalize!r}: 'group' z-scores the completions "
+                "of one prompt, 'batch' z-scores the whole call, None keeps raw POLAR scores."
+            )
+        if on_missing_reference not in ON_MISSING:
+            raise ValueError(f"`on_missing_reference` must be one of {ON_MISSING}, got {on_missing_reference!r}.")
+        if not isinstance(reference_column, str) or not reference_column:
+            raise ValueError(f"`reference_column` must be a column name, got {reference_column!r}.")
+        if sigmoid_scale is not None and not sigmoid_scale > 0:
+            raise ValueError(f"`sigmoid_scale` must be positive, got {sigmoid_scale!r}.")
+        self.clip = _clip_range(clip)
+        if model_or_scorer is None:
+            model_or_scorer = os.environ.get(MODEL_ENV)
+            if not model_or_scorer:
+                raise ValueError(
+                    "PolarReward needs a reward model: pass a saved POLAR model path, a PolarScorer, or an object "
+                    f"with .score(prompts, references, candidates), or set the {MODEL_ENV} environment variable."
+                )
+        self._source = model_or_scorer
+        self._scorer_kwargs = scorer_kwargs
+        self._scorer = model_or_scorer if hasattr(model_or_scorer, "score") else None
+        self.reference_column = reference_column
+        self.aggregate = aggregate
+        self.on_missing_reference = on_missing_reference
+        self.strip_think = strip_think
+        self.wrapper = wrapper
+        self.baseline = baseline
+        self.normalize = normalize
+        self.sigmoid_scale = sigmoid_scale
+        self.eps = eps
+        self.__name__ = name
+        self.log_stats = log_stats
+
+    # ------------------------------------------------------------------------------------------------ scorer
+    @property
+    def scorer(self) -> Any:
+        """The scoring engine, built on first use so that each rank loads its copy on its own device."""
+        if self._scorer is None:
+            from .scoring import PolarScorer
+
+            self._scorer = PolarScorer(self._source, **self._scorer_kwargs)
+        return self._scorer
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A model given by path travels as its path (TRL's async trainer pickles reward functions to a new process).
+        state = self.__dict__.copy()
+        if not hasattr(self._source, "score"):
+            state["_scorer"] = None
+        return state
+
+    # ------------------------------------------------------------------------------------------------ protocol
+    def __call__(
+        self,
+        prompts: Sequence[Text],
+        completions: Sequence[Text],
+        completion_ids: Sequence[Sequence[int]] | None = None,
+        trainer_state: Any = None,
+        log_metric: Any = None,
+        **columns: Any,
+    ) -> list[float | None]:
+        started = time.perf_counter()
+        n = len(completions)
+        if len(prompts) != n:
+            raise ValueError(f"Got {len(prompts)} prompts and {n} completions; TRL passes one prompt per completion.")
+        if self.reference_column not in columns:
+            available = sorted(k for k in columns if k not in ("log_extra", "environments"))
+            raise ValueError(
+                f"PolarReward needs the dataset column {self.reference_column!r} with each prompt's reference answer, "
+                f"but the dataset has only {available}. Add that column, or pass reference_column=<your column>."
+            )
+        references = columns[self.reference_column]
+        if len(references) != n:
+            raise ValueError(
+                f"Column {self.reference_column!r} has {len(references)} values for {n} completions; keep "
+                "remove_unused_columns=False so TRL passes every column."
+            )
+        rewards, raw = self.compute(prompts, completions, references)
+        if log_metric is not None and self.log_stats:
+            missing = sum(r is None for r in rewards) / n if n else 0.0
+            self._log(log_metric, raw, missing, time.perf_counter() - started)
+        return rewards
+
+    def compute(
+        self, prompts: Sequence[Text], completions: Sequence[Text], references: Sequence[Any]
+    ) -> tuple[list[float | None], list[float | None]]:
+        """Rewards for each completion and its raw POLAR score (aggregated over its references, before baseline,
+        normalisation, clipping and sigmoid); both None where the row has no reference."""
+        texts = [completion_text(c, i) for i, c in enumerate(completions)]
+        if self.strip_think:
+            texts = [strip_think(t) for t in texts]
+        triples: list[tuple[Text, Text, str]] = []
+        owners: list[int] = []
+        for i, value in enumerate(references):
+            refs = [] if _is_missing(value) else _as_reference_list(value)
+            if not refs:
+                if self.on_missing_reference == "error":
+                    raise ValueError(
+                        f"Row {i} has no reference in column {self.reference_column!r} (prompt: "
+                        f"{flatten(prompts[i], 'prompt')!r:.80}). Fill it, drop the row, or pass "
+                        "on_missing_reference='none' to give such rows no reward."
+                    )
+                continue
+            for ref in refs:
+                triples.append((prompts[i], ref, texts[i]))
+                owners.append(i)
+        if not triples:
+            return [None] * len(texts), [None] * len(texts)
+        base_index: list[int] = []
+        batch = list(triples)
+        if self.baseline:
+            # r(p, ref, ref), the reference scored against itself, is the best this prompt can get: the reward
+            # becomes a gap. It shares the prefix of its candidates, so it rides in the same scoring call.
+            seen: dict[tuple[str, str], int] = {}
+            for prompt, ref, _ in triples:
+                key = (flatten(prompt, "prompt"), flatten(ref, "reference"))
+                if key not in seen:
+                    seen[key] = len(batch)
+                    batch.append((prompt, ref, key[1]))
+                base_index.append(seen[key])
+        values = self._score([t[0] for t in batch], [t[1] for t in batch], [t[2] for t in batch])
+        scores = values[: len(triples)]
+        combine = {"mean": statistics.fmean, "max": max, "min": min}[self.aggregate]
+        raw = self._per_row(owners, scores, combine, len(texts))
+        if self.baseline:
+            scores = [s - values[b] for s, b in zip(scores, base_index, strict=True)]
+        rewards = self._normalise(prompts, references, self._per_row(owners, scores, combine, len(texts)))
+        return [None if r is None else self._squash(r) for r in rewards], raw
+
+    @staticmethod
+    def _per_row(owners: list[int], scores: list[float], combine: Any, n: int) -> list[float | None]:
+        per_row: dict[int, list[float]] = {}
+        for owner, score in zip(owners, scores, strict=True):
+            per_row.setdefault(owner, []).append(score)
+        return [combine(per_row[i]) if i in per_row else None for i in range(n)]
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def _score(self, prompts: list[Text], references: list[Text], candidates: list[str]) -> list[float]:
+        from .scoring import PolarScorer
+
+        scorer = self.scorer
+        if isinstance(scorer, PolarScorer):
+            values = scorer.score(prompts, references, candidates, self.wrapper)
+        else:
+            values = scorer.score(prompts, references, candidates)
+        if values is None or len(values) != len(candidates):
+            got = "None" if values is None else f"{len(values)} values"
+            raise RuntimeError(f"The scorer returned {got} for {len(candidates)} items; it must return one per item.")
+        return [float(v) for v in values]
+
+    def _normalise(self, prompts: Sequence[Text], references: Sequence[Any], rewards: list[float | None]):
+        if self.normalize is None:
+            return rewards
+        if self.normalize == "batch":
+            groups = {None: [i for i, r in enumerate(rewards) if r is not None]}
+        else:
+            groups = {}
+            for i, r in enumerate(rewards):
+                if r is not None:
+                    groups.setdefault((flatten(prompts[i], "prompt"), repr(references[i])), []).append(i)
+        out = list(rewards)
+        for members in groups.values():
+            values = [rewards[i] for i in members]
+            mean = statistics.fmean(values)
+            std = statistics.pstdev(values) if len(values) > 1 else 0.0
+            for i in members:
+                out[i] = (rewards[i] - mean) / (std + self.eps)
+        return out
+
+    def _squash(self, reward: float) -> float:
+        if self.clip is not None:
+            reward = min(max(reward, self.clip[0]), self.clip[1])
+        if self.sigmoid_scale is not None:
+            reward = 1.0 / (1.0 + math.exp(-reward / self.sigmoid_scale))
+        return reward
+
+    def _log(self, log_metric: Any, raw_rows: list[float | None], missing: float, seconds: float) -> None:
+        # TRL gathers the union of metric names over ranks, so a rank without scores may skip the statistics.
+        prefix = self.__name__
+        raw = [r for r in raw_rows if r is not None]
+        log_metric(f"{prefix}/missing_reference_frac", missing)
+        if raw:
+            log_metric(f"{prefix}/raw_mean", statistics.fmean(raw))
+            log_metric(f"{prefix}/raw_std", statistics.pstdev(raw))
+            log_metric(f"{prefix}/raw_min", min(raw))
+            log_metric(f"{prefix}/raw_max", max(raw))
+        log_metric(f"{prefix}/seconds", seconds)
+
+    def __repr__(self) -> str:
+        source = self._source if isinstance(self._source, (str, os.PathLike)) else type(self._source).__name__
+        return (
+            f"PolarReward({source!r}, reference_column={self.reference_column!r}, normalize={self.normalize!r}, "
+            f"baseline={self.baseline}, clip={self.clip}, sigmoid_scale={self.sigmoid_scale})"
+        )
+
+
+def _clip_range(clip: Any) -> tuple[float, float] | None:
+    if clip is None:
+        return None
+    if isinstance(clip, (int, float)) and not isinstance(clip, bool):
+        if clip <= 0:
+            raise ValueError(f"`clip` as one number must be positive (it means (-clip, clip)), got {clip!r}.")
+        return (-float(clip), float(clip))
+    if isinstance(clip, Sequence) and len(clip) == 2 and clip[0] < clip[1]:
+        return (float(clip[0]), float(clip[1]))
+    raise ValueError(f"`clip` must be a positive number or a (low, high) pair with low < high, got {clip!r}.")

@@ -1,0 +1,634 @@
+"""PolarScorer: the one engine that turns (prompt, reference, candidate) triples into POLAR rewards.
+
+Every consumer (the GRPO/RLOO reward callable, the verl and OpenRLHF adapters, the CLI, evaluation, the server)
+scores through `PolarScorer.score`. Two ideas make it fast and memory-safe:
+
+- **Token-budgeted micro-batches.** Items are sorted by length and packed into micro-batches whose cost, the number
+  of key/value positions the batch attends over (rows x padded length, cached prefix included), stays under
+  ``max_tokens_per_batch``. Peak memory follows the budget, not the number of items.
+- **Shared prefix.** Candidates of one (prompt, reference) pair, such as a GRPO group, start with the same ids
+  ``BOS P \\n REF <|reward|> P \\n``. The prefix runs once with a KV cache, the cache is repeated per candidate,
+  and only the candidates' own tokens run through the model. Causal attention makes this exact; the prefix is the
+  longest common run of the *final* token ids, so a tokenizer that merges across the boundary only shortens it.
+  Small groups are packed several to a batch (right-padded prefixes, per-row positions and mask), so that many
+  groups cost a few large forward passes rather than many small ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import logging
+import math
+import os
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .template import PolarTemplate, Text, common_prefix_length, flatten
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS_PER_BATCH = 16384
+# A shared prefix shorter than this saves less than the cost of a separate, smaller forward pass.
+DEFAULT_MIN_PREFIX_TOKENS = 16
+# Fewer items than this are tokenized serially: a thread hand-off costs more than it saves.
+_PARALLEL_ENCODE_MIN_ITEMS = 32
+CANDIDATE_COLUMNS = ("output", "candidate", "completion", "response")
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One forward pass of the plan: ``rows`` items, padded to ``length`` new tokens after ``prefix`` cached ones.
+
+    kind: "plain" (full sequences), "cached" (candidates of one group after its cached prefix; a group too large
+    for one batch spans several, which share the prefix cache) or "packed" (whole groups, each row after its own
+    group's prefix; prefixes are right-padded to the longest, ``prefixes`` gives each row's real prefix length).
+    """
+
+    kind: str
+    indices: tuple[int, ...]
+    length: int
+    prefix: int = 0
+    group: int = -1
+    prefixes: tuple[int, ...] = ()
+    row_groups: tuple[int, ...] = ()
+
+    @property
+    def tokens(self) -> int:
+        """Key/value positions the batch attends over: what its attention and cache memory grow with."""
+        return len(self.indices) * (self.prefix + self.length)
+
+
+def _resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    names = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+    }
+    if dtype not in names:
+        raise ValueError(f"`dtype` must be a torch.dtype, 'auto' or one of {sorted(names)}, got {dtype!r}.")
+    return names[dtype]
+
+
+def default_device() -> torch.device:
+    """This process's device: its accelerate rank's device once accelerate is set up, else cuda:LOCAL_RANK or CPU.
+
+    accelerate's state is only read, never created here: the first `PartialState()` of a process fixes its
+    distributed type, and one created without ``cpu=True`` before the trainer's would make every CPU rank train alone.
+    """
+    from accelerate import PartialState
+
+    if PartialState._shared_state != {}:
+        return PartialState().device
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+class PolarScorer:
+    """Batched, token-budgeted, shared-prefix scoring with a local POLAR reward model.
+
+    Args:
+        model_or_path: a saved POLAR reward model directory (or hub name), or a loaded one-label
+            sequence-classification model (then pass ``template`` or let it be rebuilt from the model's config).
+        template: the `PolarTemplate`; read from the checkpoint when omitted.
+        max_tokens_per_batch: the most key/value positions one micro-batch may attend over. A single item longer
+            than the budget still runs, alone.
+        device: where the model runs; defaults to this process's accelerate device (each rank scores with its own
+            copy).
+        dtype: ``torch.bfloat16``, ``"bf16"``, ``"auto"`` (bf16 on a GPU that supports it, else fp32) or None (keep).
+        shared_prefix: reuse the KV cache of a (prompt, reference) prefix across its candidates.
+        min_prefix_tokens: shortest shared prefix worth a cached pass; shorter groups are scored plainly.
+        show_progress: show a progress bar over micro-batches.
+        encode_workers: threads that tokenize in parallel (default: up to 8 CPU cores); 1 tokenizes serially. On a
+            GPU, tokenizing the full POLAR sequences is a large part of the scoring time.
+
+    Example::
+
+        scorer = PolarScorer("path/to/polar-rm", max_tokens_per_batch=32768, dtype="auto")
+        scorer.score(["What is 2+2?"] * 2, ["4"] * 2, ["The answer is 4.", "5"])
+    """
+
+    def __init__(
+        self,
+        model_or_path: Any,
+        template: PolarTemplate | None = None,
+        max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        *,
+        shared_prefix: bool = True,
+        min_prefix_tokens: int = DEFAULT_MIN_PREFIX_TOKENS,
+        show_progress: bool = False,
+        encode_workers: int | None = None,
+    ) -> None:
+        if (
+            isinstance(max_tokens_per_batch, bool)
+            or not isinstance(max_tokens_per_batch, int)
+            or (max_tokens_per_batch <= 0)
+        ):
+            raise ValueError(f"`max_tokens_per_batch` must be a positive integer, got {max_tokens_per_batch!r}.")
+        device = torch.device(device) if device is not None else default_device()
+        torch_dtype = _resolve_dtype(dtype, device)
+        if isinstance(model_or_path, (str, os.PathLike)):
+            from .modeling import load_reward_model
+
+            overrides = template.to_dict() if template is not None else {}
+            model, loaded_template = load_reward_model(model_or_path, dtype=torch_dtype, **overrides)
+            template = template or loaded_template
+        else:
+            model = model_or_path
+            if not isinstance(model, torch.nn.Module):
+                raise ValueError(
+                    f"`model_or_path` must be a path, a hub name or a loaded reward model, got "
+                    f"{type(model).__name__}. For a remote scorer pass it to PolarReward directly."
+                )
+            if template is None:
+                template = PolarTemplate.from_pretrained(model)
+            if torch_dtype is not None:
+                model.to(torch_dtype)
+        self.model = model.to(device).eval()
+        self.template = template
+        self.device = device
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self.min_prefix_tokens = max(1, int(min_prefix_tokens))
+        self.show_progress = show_progress
+        self.pad_token_id = self._pad_token_id()
+        self._inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self._backbone = getattr(self._inner, getattr(self._inner, "base_model_prefix", "model"), None)
+        from .modeling import value_head
+
+        self._head = value_head(self.model)
+        self._cache_kwarg = self._find_cache_kwarg() if shared_prefix else None
+        # Packing groups passes an explicit 4D mask, which transformers uses as given for every layer: with sliding
+        # window layers that would widen their window, so such models score one group per batch.
+        layer_types = getattr(getattr(self.model, "config", None), "layer_types", None) or ()
+        self._can_pack = "sliding_attention" not in layer_types
+        # Engines call from threads (OpenRLHF, the server); one forward at a time keeps memory within the budget.
+        self._lock = threading.RLock()
+        if encode_workers is None:
+            encode_workers = min(8, os.cpu_count() or 1)
+        self.encode_workers = max(1, int(encode_workers))
+        self._pool: ThreadPoolExecutor | None = None
+        self._thread_state = threading.local()
+        # What the last call did, for tests, benchmarks and logs.
+        self.last_plan: list[MicroBatch] = []
+        self.last_stats: dict[str, int] = {}
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def _pad_token_id(self) -> int:
+        tokenizer = self.template.tokenizer
+        for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+            if value is not None:
+                return int(value)
+        return 0
+
+    def _find_cache_kwarg(self) -> str | None:
+        """The keyword the backbone takes a KV cache by, or None where cache reuse is unsupported."""
+        if self._backbone is None or not isinstance(self._backbone, torch.nn.Module):
+            return None
+        params = inspect.signature(self._backbone.forward).parameters
+        for name in ("cache", "past_key_values"):
+            if name in params and "use_cache" in params:
+                return name
+        logger.info("%s takes no KV cache; scoring without prefix reuse.", type(self._backbone).__name__)
+        return None
+
+    @property
+    def supports_prefix_cache(self) -> bool:
+        return self._cache_kwarg is not None
+
+    def _local_template(self) -> PolarTemplate:
+        # Each encoding thread has its own template: the template's part cache is not safe to share across threads.
+        if threading.current_thread() is threading.main_thread() or self.encode_workers <= 1:
+            return self.template
+        template = getattr(self._thread_state, "template", None)
+        if template is None:
+            template = type(self.template)(self.template.tokenizer, **self.template.to_dict())
+            self._thread_state.template = template
+        return template
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.encode_workers, thread_name_prefix="polar-encode")
+        return self._pool
+
+    # ------------------------------------------------------------------------------------------------ public
+    def encode(
+        self, prompts: Sequence[Text], references: Sequence[Text], candidates: Sequence[Text], wrapper="sft"
+    ) -> list[list[int]]:
+        """The model input ids of every triple, through the one template."""
+        n = _check_lengths(prompts=prompts, references=references, candidates=candidates)
+        wrappers = [wrapper] * n if isinstance(wrapper, str) else list(wrapper)
+        if len(wrappers) != n:
+            raise ValueError(f"`wrapper` has {len(wrappers)} entries but there are {n} items; pass one per item.")
+
+        def build(i: int):
+            try:
+                return self._local_template().build(prompts[i], references[i], candidates[i], wrappers[i])
+            except ValueError as err:
+                raise ValueError(f"Item {i}: {err}") from err
+
+        # The first item runs alone: it settles the tokenizer's (shared) truncation/padding state before threads read
+        # it concurrently. The Rust tokenizer releases the GIL, so threads encode in parallel.
+        built = [build(0)] if n else []
+        if n > 1:
+            if self.encode_workers > 1 and n >= _PARALLEL_ENCODE_MIN_ITEMS:
+                built.extend(self._executor().map(build, range(1, n), chunksize=16))
+            else:
+                built.extend(build(i) for i in range(1, n))
+        encoded = [enc.input_ids for enc in built]
+        truncated = sum(enc.truncated for enc in built)
+        if truncated:
+            logger.warning(
+                "%d of %d items were truncated to max_length=%d / max_response_length=%d.",
+                truncated,
+                n,
+                self.template.max_length,
+                self.template.max_response_length,
+            )
+        self.last_stats = {"items": n, "truncated": truncated}
+        return encoded
+
+    def score(
+        self,
+        prompts: Sequence[Text],
+        references: Sequence[Text],
+        candidates: Sequence[Text],
+        wrapper: str | Sequence[str] = "sft",
+        *,
+        show_progress: bool | None = None,
+    ) -> list[float]:
+        """One reward per (prompt, reference, candidate) triple, in input order.
+
+        Args:
+            prompts, references, candidates: same-length lists of strings or message lists.
+            wrapper: "sft" (default) or "pretrain", for all items or one per item.
+            show_progress: override the scorer's progress-bar setting for this call.
+        """
+        with self._lock:
+            ids = self.encode(prompts, references, candidates, wrapper)
+            keys = [(flatten(p, "prompt"), flatten(r, "reference")) for p, r in zip(prompts, references, strict=True)]
+            return self.score_ids(ids, keys, show_progress=show_progress)
+
+    def score_ids(
+        self,
+        input_ids: Sequence[Sequence[int]],
+        group_keys: Sequence[Any] | None = None,
+        *,
+        show_progress: bool | None = None,
+    ) -> list[float]:
+        """Score already-encoded sequences (each ending with the reward token); items sharing a key may share a
+        prefix. Without keys, all items form one candidate pool and only common prefixes found by ids are used."""
+        n = len(input_ids)
+        if n == 0:
+            return []
+        if group_keys is None:
+            group_keys = [None] * n
+        with self._lock:
+            try:
+                return self._run(input_ids, group_keys, show_progress)
+            except (TypeError, AttributeError, NotImplementedError, ValueError) as err:
+                if not self.supports_prefix_cache or all(mb.kind == "plain" for mb in self.last_plan):
+                    raise
+                # Some cache classes (or remote-code models) cannot be repeated per candidate: score plainly.
+                logger.warning("Prefix-cache scoring failed (%s: %s); scoring plainly.", type(err).__name__, err)
+                self._cache_kwarg = None
+                return self._run(input_ids, group_keys, show_progress)
+
+    def _run(self, input_ids, group_keys, show_progress) -> list[float]:
+        n = len(input_ids)
+        plan = self.plan(input_ids, group_keys)
+        self.last_plan = plan
+        scores: list[float | None] = [None] * n
+        progress = self.show_progress if show_progress is None else show_progress
+        bar = _progress_bar(n, progress)
+        prefix_caches: dict[int, tuple[Any, int]] = {}
+        remaining = {}
+        for mb in plan:
+            if mb.kind == "cached":
+                remaining[mb.group] = remaining.get(mb.group, 0) + 1
+        with torch.inference_mode():
+            for mb in plan:
+                rows = [list(input_ids[i]) for i in mb.indices]
+                if mb.kind == "plain":
+                    values = self._forward_plain(rows)
+                elif mb.kind == "packed":
+                    values = self._forward_packed(rows, mb)
+                else:
+                    if mb.group not in prefix_caches:
+                        prefix_caches[mb.group] = (self._forward_prefix(rows[0][: mb.prefix]), mb.prefix)
+                    cache, _ = prefix_caches[mb.group]
+                    remaining[mb.group] -= 1
+                    # The forward appends to the cache in place: the last chunk of a group may consume the cache,
+                    # earlier chunks work on a copy.
+                    if remaining[mb.group] > 0:
+                        cache = copy.deepcopy(cache)
+                    else:
+                        del prefix_caches[mb.group]
+                    values = self._forward_cached(cache, [r[mb.prefix :] for r in rows])
+                for i, v in zip(mb.indices, values, strict=True):
+                    scores[i] = v
+                bar.update(len(mb.indices))
+        bar.close()
+        return [float(s) for s in scores]
+
+    # ------------------------------------------------------------------------------------------------ planning
+    def plan(self, input_ids: Sequence[Sequence[int]], group_keys: Sequence[Any]) -> list[MicroBatch]:
+        """Split the items into micro-batches under the token budget; groups with a long shared prefix get
+        cached micro-batches, the rest are length-sorted plain micro-batches."""
+        groups: dict[Any, list[int]] = {}
+        for i, key in enumerate(group_keys):
+            groups.setdefault(key, []).append(i)
+        plan: list[MicroBatch] = []
+        plain: list[int] = []
+        budget = self.max_tokens_per_batch
+        cached: list[tuple[int, int, list[int]]] = []
+        for g, members in enumerate(groups.values()):
+            prefix = 0
+            if self.supports_prefix_cache and len(members) >= 2:
+                seqs = [input_ids[i] for i in members]
+                # Every candidate keeps at least one token of its own: the reward token is read from the new part.
+                prefix = min(common_prefix_length(*seqs), min(len(s) for s in seqs) - 1)
+            if prefix < self.min_prefix_tokens:
+                plain.extend(members)
+                continue
+            cached.append((g, prefix, sorted(members, key=lambda i: len(input_ids[i]), reverse=True)))
+        # Groups with similar prefix lengths go together, so that little of a packed batch is prefix padding.
+        cached.sort(key=lambda item: item[1], reverse=True)
+        pack: list[tuple[int, int, list[int]]] = []
+
+        def suffix(item):
+            return len(input_ids[item[2][0]]) - item[1]
+
+        def cost(items):
+            return sum(len(m) for _, _, m in items) * (max(p for _, p, _ in items) + max(suffix(x) for x in items))
+
+        def flush():
+            if len(pack) == 1:
+                g, prefix, members = pack[0]
+                plan.append(MicroBatch("cached", tuple(members), suffix(pack[0]), prefix, g))
+            elif pack:
+                plan.append(
+                    MicroBatch(
+                        "packed",
+                        tuple(i for _, _, m in pack for i in m),
+                        max(suffix(x) for x in pack),
+                        max(p for _, p, _ in pack),
+                        prefixes=tuple(p for _, p, m in pack for _ in m),
+                        row_groups=tuple(j for j, (_, _, m) in enumerate(pack) for _ in m),
+                    )
+                )
+            pack.clear()
+
+        for item in cached:
+            g, prefix, members = item
+            if cost([item]) > budget:
+                # Too large for one batch: its own chunks, sharing one prefix cache.
+                plan.extend(
+                    MicroBatch("cached", tuple(chunk), length, prefix, g)
+                    for chunk, length in _pack(members, lambda i, p=prefix: len(input_ids[i]) - p, budget, prefix)
+                )
+                continue
+            if pack and (not self._can_pack or cost([*pack, item]) > budget):
+                flush()
+            pack.append(item)
+        flush()
+        plain.sort(key=lambda i: len(input_ids[i]), reverse=True)
+        plan.extend(
+            MicroBatch("plain", tuple(chunk), length)
+            for chunk, length in _pack(plain, lambda i: len(input_ids[i]), budget, 0)
+        )
+        return plan
+
+    # ------------------------------------------------------------------------------------------------ forwards
+    def _padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        longest = max(len(r) for r in rows)
+        batch = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
+        for j, r in enumerate(rows):
+            batch[j, : len(r)] = torch.tensor(r, dtype=torch.long)
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        return batch.to(self.device), lengths.to(self.device)
+
+    def _rewards(self, hidden: torch.Tensor, lengths: torch.Tensor) -> list[float]:
+        # Right padding: the reward token is each row's last REAL position, not position -1.
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
+        return self._head(last).float().squeeze(-1).tolist()
+
+    def _forward_plain(self, rows: list[list[int]]) -> list[float]:
+        ids, lengths = self._padded(rows)
+        # Right pads come after every real token, so causal attention keeps them out of the real positions: no mask
+        # is needed, and the default positions 0..L-1 are the right ones.
+        if self._backbone is None:
+            # A model without a separable backbone pools by itself; with right padding and a pad token that is not
+            # the reward token, its last-non-pad pooling reads the reward token.
+            return self.model(input_ids=ids).logits[:, 0].float().tolist()
+        hidden = self._backbone(input_ids=ids, use_cache=False).last_hidden_state
+        return self._rewards(hidden, lengths)
+
+    def _forward_prefix(self, prefix: list[int]) -> Any:
+        ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
+        out = self._backbone(input_ids=ids, use_cache=True)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if cache is None:
+            raise RuntimeError(f"{type(self._backbone).__name__} returned no KV cache although use_cache=True.")
+        return cache
+
+    def _forward_packed(self, rows: list[list[int]], mb: MicroBatch) -> list[float]:
+        # One prefix per group, right-padded: causal attention keeps each real prefix token away from the pads.
+        firsts: dict[int, list[int]] = {}
+        for row, group, prefix in zip(rows, mb.row_groups, mb.prefixes, strict=True):
+            firsts.setdefault(group, row[:prefix])
+        prefix_ids, _ = self._padded(list(firsts.values()))
+        out = self._backbone(input_ids=prefix_ids, use_cache=True)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        cache.batch_select_indices(torch.tensor(mb.row_groups, device=self.device))
+        ids, lengths = self._padded([row[prefix:] for row, prefix in zip(rows, mb.prefixes, strict=True)])
+        prefixes = torch.tensor(mb.prefixes, device=self.device)
+        steps = torch.arange(ids.shape[1], device=self.device)
+        # Each row continues its own prefix: positions from its real prefix length, and a mask that hides the
+        # cache slots past it (another group's longer prefix) and keeps the new tokens causal. An explicit 4D mask
+        # is used as given by every attention implementation; additive floats suit both sdpa and eager.
+        slots = torch.arange(mb.prefix, device=self.device)
+        allowed = torch.cat(
+            [
+                (slots[None, None, :] < prefixes[:, None, None]).expand(-1, ids.shape[1], -1),
+                (steps[None, None, :] <= steps[None, :, None]).expand(len(rows), -1, -1),
+            ],
+            dim=-1,
+        )
+        dtype = self.model.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        out = self._backbone(
+            input_ids=ids,
+            attention_mask=mask[:, None],
+            position_ids=prefixes[:, None] + steps[None, :],
+            use_cache=True,
+            **{self._cache_kwarg: cache},
+        )
+        return self._rewards(out.last_hidden_state, lengths)
+
+    def _forward_cached(self, cache: Any, rows: list[list[int]]) -> list[float]:
+        ids, lengths = self._padded(rows)
+        if len(rows) > 1:
+            cache.batch_repeat_interleave(len(rows))
+        out = self._backbone(input_ids=ids, use_cache=True, **{self._cache_kwarg: cache})
+        return self._rewards(out.last_hidden_state, lengths)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _pack(
+    order: list[int], length_of: Callable[[int], int], budget: int, prefix: int
+) -> Iterable[tuple[list[int], int]]:
+    """Greedy packing of length-sorted items (longest first): rows x (prefix + padded length) <= budget."""
+    chunk: list[int] = []
+    longest = 0
+    for i in order:
+        length = length_of(i)
+        new_longest = max(longest, length)
+        if chunk and (len(chunk) + 1) * (prefix + new_longest) > budget:
+            yield chunk, longest
+            chunk, new_longest = [], length
+        chunk.append(i)
+        longest = new_longest
+    if chunk:
+        yield chunk, longest
+
+
+def _check_lengths(**lists: Sequence[Any]) -> int:
+    for name, value in lists.items():
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise ValueError(
+                f"`{name}` must be a list (one entry per item), got {type(value).__name__}. Wrap a single item "
+                f"in a list: {name}=[...]."
+            )
+    sizes = {name: len(value) for name, value in lists.items()}
+    if len(set(sizes.values())) > 1:
+        detail = ", ".join(f"{name}={size}" for name, size in sizes.items())
+        raise ValueError(f"The lists must have the same length, got {detail}. Pass one entry per item in each list.")
+    return next(iter(sizes.values()), 0)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="POLAR scoring", unit="item")
+
+
+# ---------------------------------------------------------------------------------------------------- files
+def _detect_column(row: dict, wanted: str | None, candidates: Sequence[str], role: str, line: int) -> str:
+    if wanted is not None:
+        if wanted not in row:
+            raise ValueError(
+                f"Line {line} has no {role} column {wanted!r} (it has {sorted(row)}). Pass the right column name."
+            )
+        return wanted
+    for name in candidates:
+        if name in row:
+            return name
+    raise ValueError(
+        f"Line {line} has none of the {role} columns {list(candidates)} (it has {sorted(row)}). Name the column "
+        "explicitly."
+    )
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Rows of a JSON-lines file; blank lines are skipped, a malformed line is an error naming it."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no} is not valid JSON ({err.msg}). Fix or remove that line.") from err
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{line_no} must be a JSON object, got {type(row).__name__}.")
+            rows.append(row)
+    return rows
+
+
+def score_file(
+    model: str | os.PathLike | PolarScorer | Any,
+    data_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    *,
+    prompt_column: str = "prompt",
+    reference_column: str = "reference",
+    candidate_column: str | None = None,
+    output_column: str = "reward",
+    wrapper: str = "sft",
+    max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
+    device: str | None = None,
+    dtype: str | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Score a JSON-lines file of (prompt, reference, candidate) rows and write each row back with its reward.
+
+    The candidate column defaults to the first of "output" (the official client's name), "candidate", "completion"
+    and "response" that the first row has. A row may carry its own "wrapper". Returns a summary
+    ``{"rows", "mean", "min", "max", "output"}``.
+    """
+    scorer = (
+        model
+        if hasattr(model, "score")
+        else PolarScorer(model, max_tokens_per_batch=max_tokens_per_batch, device=device, dtype=dtype)
+    )
+    rows = read_jsonl(data_path)
+    if not rows:
+        raise ValueError(f"{data_path} has no rows. Write one JSON object per line with prompt, reference, output.")
+    candidate_column = _detect_column(rows[0], candidate_column, CANDIDATE_COLUMNS, "candidate", 1)
+    prompts, references, candidates, wrappers = [], [], [], []
+    for line, row in enumerate(rows, start=1):
+        for column in (prompt_column, reference_column, candidate_column):
+            if row.get(column) is None:
+                raise ValueError(
+                    f"{data_path}: row {line} has no {column!r} value (it has {sorted(row)}). Every row needs "
+                    f"{prompt_column!r}, {reference_column!r} and {candidate_column!r}."
+                )
+        prompts.append(row[prompt_column])
+        references.append(row[reference_column])
+        candidates.append(row[candidate_column])
+        wrappers.append(row.get("wrapper", wrapper))
+    if isinstance(scorer, PolarScorer):
+        rewards = scorer.score(prompts, references, candidates, wrappers, show_progress=show_progress)
+    else:
+        rewards = scorer.score(prompts, references, candidates)
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+    with open(output_path, "w", encoding="utf-8") as f:
+        for row, reward in zip(rows, rewards, strict=True):
+            f.write(json.dumps({**row, output_column: reward}, ensure_ascii=False) + "\n")
+    finite = [r for r in rewards if r is not None and math.isfinite(r)]
+    return {
+        "rows": len(rows),
+        "mean": sum(finite) / len(finite) if finite else float("nan"),
+        "min": min(finite, default=float("nan")),
+        "max": max(finite, default=float("nan")),
+        "output": str(output_path),
+    }
