@@ -27,7 +27,7 @@ test: lint
 	$(BIN)/pytest -m "not slow"
 
 quickstart: install
-	$(BIN)/python examples/format_inputs.py
+	$(BIN)/trl-polar quickstart --out-dir runs/quickstart
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache site

@@ -34,6 +34,9 @@ def load_preference_dataset(path_or_name: str, split: str = "train") -> Dataset:
             )
         return load_dataset(_BUILDERS[suffix], data_files=path_or_name, split=split)
     if os.path.isdir(path_or_name):
+        manifest = os.path.join(path_or_name, "manifest.json")
+        if os.path.isfile(manifest):
+            return _load_synthesis_output(path_or_name, manifest, split)
         return load_dataset(path_or_name, split=split)
     if path_or_name.startswith((".", "/", "~")):
         raise FileNotFoundError(
@@ -42,3 +45,21 @@ def load_preference_dataset(path_or_name: str, split: str = "train") -> Dataset:
         )
     name, _, config = path_or_name.partition(":")
     return load_dataset(name, config or None, split=split)
+
+
+def _load_synthesis_output(directory: str, manifest_path: str, split: str) -> Dataset:
+    """The shards of a `trl-polar build-data` run, as listed in its manifest (the other JSON files are metadata)."""
+    import json
+
+    with open(manifest_path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    files = [os.path.join(directory, shard["file"]) for shard in manifest.get("shards", [])]
+    if not files:
+        raise ValueError(f"{manifest_path} lists no shards: the build-data run has not written any yet.")
+    if not manifest.get("complete", False):
+        raise ValueError(
+            f"{directory} holds an unfinished build-data run ({len(files)} of {manifest.get('num_shards')} shards); "
+            "run the same build-data command again to finish it."
+        )
+    builder = _BUILDERS[os.path.splitext(files[0])[1].lower()]
+    return load_dataset(builder, data_files=files, split=split)
