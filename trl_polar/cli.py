@@ -312,14 +312,17 @@ def quickstart(
     run_quickstart(QuickstartConfig(out_dir=str(out_dir), num_prompts=num_prompts, grpo_steps=grpo_steps, seed=seed))
 
 
-def _register_data_commands() -> None:
+def _register_commands() -> None:
+    # These commands live next to the code they drive; importing them loads neither torch nor FastAPI.
     from .data.cli import build_data_command, convert_data_command
+    from .server import serve_command
 
     app.command("build-data")(build_data_command)
     app.command("convert-data")(convert_data_command)
+    app.command("serve")(serve_command)
 
 
-_register_data_commands()
+_register_commands()
 
 
 def main() -> None:

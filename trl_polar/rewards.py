@@ -18,6 +18,7 @@ import re
 import statistics
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .template import Text, flatten
@@ -85,6 +86,22 @@ def _as_reference_list(value: Any) -> list[Text]:
     return [value]
 
 
+@dataclass
+class _Plan:
+    """What one reward call scores: the triples (plus baselines) and which row each belongs to."""
+
+    prompts: Sequence[Text]
+    references: Sequence[Any]
+    num_rows: int
+    batch: list[tuple[Text, Text, str]] = field(default_factory=list)
+    owners: list[int] = field(default_factory=list)
+    base_index: list[int] = field(default_factory=list)
+    num_triples: int = 0
+
+    def columns(self) -> tuple[list[Text], list[Text], list[str]]:
+        return [t[0] for t in self.batch], [t[1] for t in self.batch], [t[2] for t in self.batch]
+
+
 class PolarReward:
     """POLAR reward for TRL's GRPO/RLOO: ``r(prompt, reference, completion)``, reference from a dataset column.
 
@@ -106,6 +123,11 @@ class PolarReward:
         sigmoid_scale: map the reward through ``sigmoid(reward / sigmoid_scale)``, last.
         name: the metric name TRL logs this reward under (``rewards/<name>/mean``).
         log_stats: log raw-reward statistics through TRL's ``log_metric``.
+        url, urls: score remotely instead: one server or several replicas (`trl_polar.client.PolarClient`): a
+            ``trl-polar serve`` server, or vLLM / SGLang / lmdeploy serving a POLAR model (``backend``).
+        backend: "trl-polar" (default), "vllm", "sglang" or "lmdeploy".
+        api_key: the server's API key, if it has one.
+        client_kwargs: more `PolarClient` settings (``timeout``, ``max_retries``, ``template`` for the engines, ...).
         scorer_kwargs: passed to `PolarScorer` when a path or model is given (``max_tokens_per_batch``, ``dtype``,
             ``device``, ...).
 
@@ -131,6 +153,11 @@ class PolarReward:
         eps: float = 1e-6,
         name: str = "polar_reward",
         log_stats: bool = True,
+        url: str | None = None,
+        urls: Sequence[str] | None = None,
+        backend: str = "trl-polar",
+        api_key: str | None = None,
+        client_kwargs: dict[str, Any] | None = None,
         **scorer_kwargs: Any,
     ) -> None:
         if aggregate not in AGGREGATES:
@@ -147,6 +174,14 @@ class PolarReward:
         if sigmoid_scale is not None and not sigmoid_scale > 0:
             raise ValueError(f"`sigmoid_scale` must be positive, got {sigmoid_scale!r}.")
         self.clip = _clip_range(clip)
+        if url is not None or urls is not None:
+            if model_or_scorer is not None:
+                raise ValueError("Pass either a model (or scorer) or url/urls, not both.")
+            from .client import PolarClient
+
+            model_or_scorer = PolarClient(
+                url=url, urls=urls, backend=backend, api_key=api_key, wrapper=wrapper, **(client_kwargs or {})
+            )
         if model_or_scorer is None:
             model_or_scorer = os.environ.get(MODEL_ENV)
             if not model_or_scorer:
@@ -197,6 +232,17 @@ class PolarReward:
         **columns: Any,
     ) -> list[float | None]:
         started = time.perf_counter()
+        references = self._check_call(prompts, completions, columns)
+        rewards, raw = self.compute(prompts, completions, references)
+        self._report(log_metric, rewards, raw, started)
+        return rewards
+
+    def _report(self, log_metric: Any, rewards: list[float | None], raw: list[float | None], started: float) -> None:
+        if log_metric is not None and self.log_stats:
+            missing = sum(r is None for r in rewards) / len(rewards) if rewards else 0.0
+            self._log(log_metric, raw, missing, time.perf_counter() - started)
+
+    def _check_call(self, prompts: Sequence[Text], completions: Sequence[Text], columns: dict[str, Any]) -> Any:
         n = len(completions)
         if len(prompts) != n:
             raise ValueError(f"Got {len(prompts)} prompts and {n} completions; TRL passes one prompt per completion.")
@@ -212,22 +258,37 @@ class PolarReward:
                 f"Column {self.reference_column!r} has {len(references)} values for {n} completions; keep "
                 "remove_unused_columns=False so TRL passes every column."
             )
-        rewards, raw = self.compute(prompts, completions, references)
-        if log_metric is not None and self.log_stats:
-            missing = sum(r is None for r in rewards) / n if n else 0.0
-            self._log(log_metric, raw, missing, time.perf_counter() - started)
-        return rewards
+        return references
 
     def compute(
         self, prompts: Sequence[Text], completions: Sequence[Text], references: Sequence[Any]
     ) -> tuple[list[float | None], list[float | None]]:
         """Rewards for each completion and its raw POLAR score (aggregated over its references, before baseline,
         normalisation, clipping and sigmoid); both None where the row has no reference."""
+        plan = self._plan(prompts, completions, references)
+        values = self._score(*plan.columns()) if plan.batch else []
+        return self._finish(plan, values)
+
+    async def acompute(
+        self, prompts: Sequence[Text], completions: Sequence[Text], references: Sequence[Any]
+    ) -> tuple[list[float | None], list[float | None]]:
+        """`compute` without blocking the event loop: a remote client is awaited, a local scorer runs in a thread."""
+        import asyncio
+
+        plan = self._plan(prompts, completions, references)
+        values: list[float] = []
+        if plan.batch:
+            if hasattr(self.scorer, "ascore"):
+                values = self._check_values(await self.scorer.ascore(*plan.columns()), len(plan.batch))
+            else:
+                values = await asyncio.to_thread(self._score, *plan.columns())
+        return self._finish(plan, values)
+
+    def _plan(self, prompts: Sequence[Text], completions: Sequence[Text], references: Sequence[Any]) -> _Plan:
         texts = [completion_text(c, i) for i, c in enumerate(completions)]
         if self.strip_think:
             texts = [strip_think(t) for t in texts]
-        triples: list[tuple[Text, Text, str]] = []
-        owners: list[int] = []
+        plan = _Plan(prompts=prompts, references=references, num_rows=len(texts))
         for i, value in enumerate(references):
             refs = [] if _is_missing(value) else _as_reference_list(value)
             if not refs:
@@ -239,29 +300,32 @@ class PolarReward:
                     )
                 continue
             for ref in refs:
-                triples.append((prompts[i], ref, texts[i]))
-                owners.append(i)
-        if not triples:
-            return [None] * len(texts), [None] * len(texts)
-        base_index: list[int] = []
-        batch = list(triples)
+                plan.batch.append((prompts[i], ref, texts[i]))
+                plan.owners.append(i)
+        plan.num_triples = len(plan.batch)
         if self.baseline:
             # r(p, ref, ref), the reference scored against itself, is the best this prompt can get: the reward
             # becomes a gap. It shares the prefix of its candidates, so it rides in the same scoring call.
             seen: dict[tuple[str, str], int] = {}
-            for prompt, ref, _ in triples:
+            for prompt, ref, _ in plan.batch[: plan.num_triples]:
                 key = (flatten(prompt, "prompt"), flatten(ref, "reference"))
                 if key not in seen:
-                    seen[key] = len(batch)
-                    batch.append((prompt, ref, key[1]))
-                base_index.append(seen[key])
-        values = self._score([t[0] for t in batch], [t[1] for t in batch], [t[2] for t in batch])
-        scores = values[: len(triples)]
+                    seen[key] = len(plan.batch)
+                    plan.batch.append((prompt, ref, key[1]))
+                plan.base_index.append(seen[key])
+        return plan
+
+    def _finish(self, plan: _Plan, values: list[float]) -> tuple[list[float | None], list[float | None]]:
+        if not plan.num_triples:
+            return [None] * plan.num_rows, [None] * plan.num_rows
+        scores = values[: plan.num_triples]
         combine = {"mean": statistics.fmean, "max": max, "min": min}[self.aggregate]
-        raw = self._per_row(owners, scores, combine, len(texts))
+        raw = self._per_row(plan.owners, scores, combine, plan.num_rows)
         if self.baseline:
-            scores = [s - values[b] for s, b in zip(scores, base_index, strict=True)]
-        rewards = self._normalise(prompts, references, self._per_row(owners, scores, combine, len(texts)))
+            scores = [s - values[b] for s, b in zip(scores, plan.base_index, strict=True)]
+        rewards = self._normalise(
+            plan.prompts, plan.references, self._per_row(plan.owners, scores, combine, plan.num_rows)
+        )
         return [None if r is None else self._squash(r) for r in rewards], raw
 
     @staticmethod
@@ -280,9 +344,13 @@ class PolarReward:
             values = scorer.score(prompts, references, candidates, self.wrapper)
         else:
             values = scorer.score(prompts, references, candidates)
-        if values is None or len(values) != len(candidates):
+        return self._check_values(values, len(candidates))
+
+    @staticmethod
+    def _check_values(values: Any, expected: int) -> list[float]:
+        if values is None or len(values) != expected:
             got = "None" if values is None else f"{len(values)} values"
-            raise RuntimeError(f"The scorer returned {got} for {len(candidates)} items; it must return one per item.")
+            raise RuntimeError(f"The scorer returned {got} for {expected} items; it must return one per item.")
         return [float(v) for v in values]
 
     def _normalise(self, prompts: Sequence[Text], references: Sequence[Any], rewards: list[float | None]):
@@ -341,3 +409,23 @@ def _clip_range(clip: Any) -> tuple[float, float] | None:
     if isinstance(clip, Sequence) and len(clip) == 2 and clip[0] < clip[1]:
         return (float(clip[0]), float(clip[1]))
     raise ValueError(f"`clip` must be a positive number or a (low, high) pair with low < high, got {clip!r}.")
+
+
+class AsyncPolarReward(PolarReward):
+    """`PolarReward` with an ``async def __call__``: TRL 1.16 runs async reward functions concurrently with the
+    others and with its own work, which is what a remote reward server (``url=``/``urls=``) needs to pay off."""
+
+    async def __call__(  # type: ignore[override]
+        self,
+        prompts: Sequence[Text],
+        completions: Sequence[Text],
+        completion_ids: Sequence[Sequence[int]] | None = None,
+        trainer_state: Any = None,
+        log_metric: Any = None,
+        **columns: Any,
+    ) -> list[float | None]:
+        started = time.perf_counter()
+        references = self._check_call(prompts, completions, columns)
+        rewards, raw = await self.acompute(prompts, completions, references)
+        self._report(log_metric, rewards, raw, started)
+        return rewards

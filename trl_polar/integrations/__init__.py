@@ -4,7 +4,10 @@
 Both engines load a reward *file* by path (verl's ``custom_reward_function.path``, OpenRLHF's ``--remote_rm_url``),
 so the adapter modules import only absolute ``trl_polar`` names and take their settings from the environment:
 
-- ``TRL_POLAR_MODEL``: the saved POLAR reward model (required, unless the config file names it);
+- ``TRL_POLAR_MODEL``: the saved POLAR reward model (required, unless the config file names it or a URL is set);
+- ``TRL_POLAR_URL``: score with reward servers instead, e.g. ``http://10.0.0.5:8000,http://10.0.0.6:8000``
+  (replicas with failover); ``TRL_POLAR_BACKEND`` ("trl-polar", "vllm", "sglang" or "lmdeploy"; the engines also
+  need ``TRL_POLAR_MODEL`` for the tokenizer that formats their input) and ``TRL_POLAR_API_KEY``;
 - ``TRL_POLAR_CONFIG``: a JSON or YAML file with any of the keys below (environment variables win);
 - ``TRL_POLAR_DEVICE`` (default: cuda if available, else cpu), ``TRL_POLAR_DTYPE`` (default "auto": bf16 on GPU),
   ``TRL_POLAR_MAX_TOKENS`` (micro-batch token budget), ``TRL_POLAR_STRIP_THINK`` (default 1),
@@ -22,6 +25,9 @@ from typing import Any
 ENV_PREFIX = "TRL_POLAR_"
 _KEYS = {
     "model": str,
+    "url": str,
+    "backend": str,
+    "api_key": str,
     "device": str,
     "dtype": str,
     "max_tokens": int,
@@ -76,10 +82,11 @@ def load_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
         name = ENV_PREFIX + key.upper()
         if name in environ:
             config[key] = _parse(key, environ[name], name)
-    if not config.get("model"):
+    if not config.get("model") and not config.get("url"):
         raise ValueError(
             "No POLAR reward model configured: set TRL_POLAR_MODEL=/path/to/polar-rm (a model saved by trl-polar or "
-            "converted with `trl-polar convert`), or name it as `model` in the TRL_POLAR_CONFIG file."
+            "converted with `trl-polar convert`) or TRL_POLAR_URL=http://host:port[,http://host2:port] (reward "
+            "servers), or name `model` or `url` in the TRL_POLAR_CONFIG file."
         )
     return config
 
@@ -100,14 +107,28 @@ def get_reward(environ: dict[str, str] | None = None) -> Any:
             import torch
 
             from trl_polar.rewards import PolarReward
-            from trl_polar.scoring import PolarScorer
 
-            # Engines place their workers with Ray or torchrun, not accelerate: pick the device here, never from
-            # accelerate's state, which would try to join the engine's process group.
-            device = config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-            scorer = PolarScorer(
-                config["model"], max_tokens_per_batch=config["max_tokens"], device=device, dtype=config["dtype"]
-            )
+            if config.get("url"):
+                from trl_polar.client import PolarClient
+
+                # A comma-separated list is a set of replicas with failover.
+                urls = [u.strip() for u in config["url"].split(",") if u.strip()]
+                scorer = PolarClient(
+                    urls=urls,
+                    backend=config.get("backend") or "trl-polar",
+                    api_key=config.get("api_key"),
+                    wrapper=config["wrapper"],
+                    template=config.get("model"),
+                )
+            else:
+                from trl_polar.scoring import PolarScorer
+
+                # Engines place their workers with Ray or torchrun, not accelerate: pick the device here, never from
+                # accelerate's state, which would try to join the engine's process group.
+                device = config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+                scorer = PolarScorer(
+                    config["model"], max_tokens_per_batch=config["max_tokens"], device=device, dtype=config["dtype"]
+                )
             _rewards[key] = PolarReward(
                 scorer,
                 strip_think=config["strip_think"],

@@ -1,0 +1,387 @@
+"""The reward server, run as a real subprocess on 127.0.0.1 and driven over real HTTP.
+
+Scores from every endpoint must equal in-process `PolarScorer` scores for the same items; the server must answer
+every request exactly once under load, refuse bad requests with the right status and a message naming the field,
+shed load with 503 when its queue is full, and finish admitted requests when asked to shut down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import time
+
+import httpx
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from serving_helpers import API_KEY, HOST, RawHTTP, start_servers  # noqa: E402
+
+from trl_polar.scoring import PolarScorer  # noqa: E402
+from trl_polar.server import Batcher  # noqa: E402
+from trl_polar.template import PolarTemplate, flatten  # noqa: E402
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+BODY_LIMIT = 256 * 1024
+TOL = 1e-5
+
+PROMPTS = [
+    "What is 2 + 2? Explain the answer step by step so that a child can follow it.",
+    "Translate to French: good morning, my friend. Keep the greeting informal.",
+    [
+        {"role": "system", "content": "You are a careful assistant."},
+        {"role": "user", "content": "Name a prime number larger than five."},
+    ],
+]
+REFERENCES = ["The answer is 4: two plus two makes four.", "Bonjour, mon ami.", "7 is a prime larger than five."]
+CANDIDATES = [
+    ["4", "The answer is 4.", "five", "2 + 2 = 4 because adding two twice gives four."],
+    ["Bonjour mon ami !", "Good morning", "Salut, l'ami.", "bonjour"],
+    ["7", "11 is prime.", "9", "The number 13."],
+]
+
+
+def triples():
+    out = []
+    for p, r, cands in zip(PROMPTS, REFERENCES, CANDIDATES):
+        out += [(p, r, c) for c in cands]
+    return out
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_qwen2_rm_dir):
+    """The main server (API key, a small body limit) and a server with a queue of 2 and a long batch window."""
+    main, small = start_servers(
+        (tiny_qwen2_rm_dir, ("--api-key", API_KEY, "--max-body-bytes", str(BODY_LIMIT))),
+        (tiny_qwen2_rm_dir, ("--max-queue", "2", "--batch-window-ms", "400")),
+    )
+    yield {"main": main, "small": small}
+    main.stop()
+    small.stop()
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_qwen2_rm_dir):
+    return PolarScorer(tiny_qwen2_rm_dir, device="cpu")
+
+
+def metrics(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics", headers=AUTH, timeout=10).text
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def assert_close(got, expected):
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert abs(g - e) <= TOL, (got, expected)
+
+
+def test_every_endpoint_matches_inprocess_scorer(servers, scorer):
+    url = servers["main"].url
+    items = triples()
+    prompts, refs, cands = zip(*items)
+    expected = scorer.score(list(prompts), list(refs), list(cands))
+    template = scorer.template
+    texts = [template.format(p, r, c) for p, r, c in items]
+    # OpenRLHF sends prompt + response decoded with special tokens; the label is the reference.
+    plain = [flatten(p) for p in prompts]
+    queries = [f"<s>{p} {c}</s>" for p, c in zip(plain, cands)]
+    expected_openrlhf = scorer.score(plain, list(refs), [c.strip() for c in cands])
+
+    async def run():
+        async with httpx.AsyncClient(headers=AUTH, timeout=30) as http:
+            whole = http.post(
+                url + "/score", json={"items": [dict(zip(("prompt", "reference", "candidate"), t)) for t in items]}
+            )
+            # One request per item, all at once: the server batches them together (prefixes shared across requests).
+            single = [
+                http.post(url + "/score", json={"id": i, "items": [{"prompt": p, "reference": r, "output": c}]})
+                for i, (p, r, c) in enumerate(items)
+            ]
+            pooling = http.post(url + "/pooling", json={"model": "polar", "input": texts})
+            openrlhf = http.post(url + "/get_reward", json={"query": queries, "prompts": plain, "labels": list(refs)})
+            return await asyncio.gather(whole, pooling, openrlhf, *single)
+
+    before = metrics(url)
+    whole, pooling, openrlhf, *single = asyncio.run(run())
+    after = metrics(url)
+
+    assert whole.status_code == 200, whole.text
+    assert whole.json()["truncated"] == 0
+    assert_close(whole.json()["scores"], expected)
+    for i, response in enumerate(single):
+        assert response.status_code == 200, response.text
+        assert response.json()["id"] == i
+        assert_close(response.json()["scores"], [expected[i]])
+    assert pooling.status_code == 200, pooling.text
+    body = pooling.json()
+    assert body["object"] == "list" and body["model"] == "polar"
+    assert [d["index"] for d in body["data"]] == list(range(len(items)))
+    assert_close([d["data"] for d in body["data"]], expected)
+    assert body["usage"]["prompt_tokens"] == sum(len(template.encode(*t)) for t in items)
+    assert openrlhf.status_code == 200, openrlhf.text
+    assert_close(openrlhf.json()["rewards"], expected_openrlhf)
+    assert openrlhf.json()["scores"] == openrlhf.json()["rewards"]
+
+    requests = len(single) + 3
+    batches = after["polar_batches_total"] - before["polar_batches_total"]
+    assert (
+        after['polar_requests_total{endpoint="/score",status="200"}']
+        - before.get('polar_requests_total{endpoint="/score",status="200"}', 0)
+        == len(single) + 1
+    )
+    # Dynamic batching: concurrent requests were scored together, in fewer scorer calls than requests.
+    assert batches < requests
+    assert (
+        after['polar_batch_requests_bucket{le="1"}'] - before.get('polar_batch_requests_bucket{le="1"}', 0) < batches
+    )
+
+
+def test_score_options_and_wrappers_follow_the_template(servers, scorer):
+    url = servers["main"].url
+    long_candidate = "two plus two is four, and that is all there is to say about it " * 3
+    items = [
+        {"prompt": PROMPTS[0], "reference": REFERENCES[0], "candidate": long_candidate},
+        {"prompt": PROMPTS[0], "reference": REFERENCES[0], "candidate": "4", "wrapper": "pretrain"},
+    ]
+    response = httpx.post(url + "/score", headers=AUTH, json={"items": items, "options": {"max_response_length": 8}})
+    assert response.status_code == 200, response.text
+    variant = PolarTemplate(scorer.template.tokenizer, **{**scorer.template.to_dict(), "max_response_length": 8})
+    ids = [variant.encode(i["prompt"], i["reference"], i["candidate"], i.get("wrapper", "sft")) for i in items]
+    assert_close(response.json()["scores"], scorer.score_ids(ids))
+    assert response.json()["truncated"] == 2  # the reference and the long candidate lost tokens
+
+
+def test_load_2000_requests_from_32_clients(servers, scorer):
+    """Every request answered exactly once, matched to its request by id and by its scores."""
+    url = servers["main"].url
+    pool = [(PROMPTS[k], REFERENCES[k]) for k in range(3)] + [("Say hello in Portuguese, politely.", "Olá!")]
+    items = [(p, r, f"candidate {j} for prompt {k}") for k, (p, r) in enumerate(pool) for j in range(16)]
+    expected = scorer.score(*map(list, zip(*items)))
+    rng = random.Random(0)
+    n_requests, n_clients = 2000, 32
+    requests = [(rid, [rng.randrange(len(items)) for _ in range(rng.randint(1, 3))]) for rid in range(n_requests)]
+    answers: dict[int, list] = {}
+    before = metrics(url)
+
+    async def run():
+        todo = iter(requests)
+
+        async def client():
+            # RawHTTP, not httpx: on 2 shared cores httpx's per-request CPU would starve the server under test.
+            http = RawHTTP(HOST, servers["main"].port, AUTH)
+            for rid, chosen in todo:
+                body = {
+                    "id": rid,
+                    "items": [dict(zip(("prompt", "reference", "candidate"), items[i])) for i in chosen],
+                }
+                status, payload = await http.post("/score", json.dumps(body).encode())
+                assert status == 200, payload
+                answer = json.loads(payload)
+                answers.setdefault(answer["id"], []).append((chosen, answer["scores"]))
+            await http.close()
+
+        await asyncio.wait_for(asyncio.gather(*(client() for _ in range(n_clients))), timeout=120)
+
+    started = time.perf_counter()
+    asyncio.run(run())
+    elapsed = time.perf_counter() - started
+    after = metrics(url)
+
+    assert sorted(answers) == list(range(n_requests)), "lost or unknown request ids"
+    for rid, chosen in requests:
+        assert len(answers[rid]) == 1, f"request {rid} answered {len(answers[rid])} times"
+        got_chosen, scores = answers[rid][0]
+        assert got_chosen == chosen
+        assert_close(scores, [expected[i] for i in chosen])
+    key = 'polar_requests_total{endpoint="/score",status="200"}'
+    assert after[key] - before[key] == n_requests  # the server saw each request once: no duplicates
+    batches = after["polar_batches_total"] - before["polar_batches_total"]
+    assert batches < n_requests
+    print(f"\n{n_requests} requests from {n_clients} clients in {elapsed:.1f} s, {batches:.0f} batches")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "field"),
+    [
+        ("/score", b'{"items": [', 400, "body"),
+        ("/score", b"\xff\xfe not utf-8", 400, "body"),
+        ("/score", b"[" * 50000 + b"]" * 50000, 400, "body"),
+        ("/score", b"", 400, None),
+        ("/score", b'["items"]', 422, "body"),
+        ("/score", b'{"itemz": []}', 422, "itemz"),
+        ("/score", b'{"items": {"prompt": "p"}}', 422, "items"),
+        ("/score", b'{"items": [{"prompt": "p", "reference": "r"}]}', 422, "items[0].candidate"),
+        ("/score", b'{"items": [{"prompt": "p", "reference": "r", "candidate": "c"}, 5]}', 422, "items[1]"),
+        ("/score", b'{"items": [{"prompt": "p", "reference": 3, "candidate": "c"}]}', 422, "items[0].reference"),
+        ("/score", b'{"items": [{"prompt": [{"role": "user"}], "reference": "r", "candidate": "c"}]}', 422,
+         "items[0].prompt"),
+        ("/score", b'{"items": [{"prompt": "p", "reference": "r", "candidate": "c", "wrapper": "chat"}]}', 422,
+         "items[0].wrapper"),
+        ("/score", b'{"items": [], "options": {"temperature": 1}}', 422, "options.temperature"),
+        ("/score", b'{"items": [], "options": {"max_length": -3}}', 422, "options"),
+        ("/score", b'{"items": [{"prompt": "p", "reference": "r", "candidate": "c"}], "options": {"max_length": 5}}',
+         422, "items[0]"),
+        ("/pooling", b'{"inputs": ["x"]}', 422, "input"),
+        ("/pooling", b'{"input": [3.5]}', 422, "input[0]"),
+        ("/pooling", b'{"input": ["no reward token here"]}', 422, "input[0]"),
+        ("/pooling", b'{"input": [[1, 2, 99999999]]}', 422, "input[0]"),
+        ("/get_reward", b'{"query": ["q"], "prompts": ["q"]}', 422, "labels"),
+        ("/get_reward", b'{"query": ["q a"], "prompts": ["q", "r"], "labels": ["l"]}', 422, "labels"),
+        ("/get_reward", b'{"query": ["q a"], "prompts": ["q"], "labels": [""]}', 422, "labels[0]"),
+    ],
+)  # fmt: skip
+def test_malformed_requests_are_refused_naming_the_field(servers, path, body, status, field):
+    url = servers["main"].url
+    response = httpx.post(url + path, headers={**AUTH, "Content-Type": "application/json"}, content=body, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == status and error["message"]
+    if field is not None:
+        assert error["field"] == field, error
+    # The server is still up and still right.
+    ok = httpx.post(
+        url + "/score", headers=AUTH, json={"items": [{"prompt": "p", "reference": "r", "candidate": "c"}]}
+    )
+    assert ok.status_code == 200
+
+
+def test_wrong_method_and_unknown_path(servers):
+    url = servers["main"].url
+    assert httpx.get(url + "/score", headers=AUTH).status_code == 405
+    assert httpx.post(url + "/nothing", headers=AUTH, json={}).status_code == 404
+
+
+def test_oversized_body_gets_413(servers):
+    url = servers["main"].url
+    big = json.dumps({"items": [{"prompt": "p" * (BODY_LIMIT + 10), "reference": "r", "candidate": "c"}]}).encode()
+    declared = httpx.post(url + "/score", headers={**AUTH, "Content-Type": "application/json"}, content=big)
+    assert declared.status_code == 413
+    assert "chunk_size" in declared.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: the server must count what streams in
+        for at in range(0, len(big), 16384):
+            yield big[at : at + 16384]
+
+    streamed = httpx.post(url + "/score", headers={**AUTH, "Content-Type": "application/json"}, content=chunks())
+    assert streamed.status_code == 413
+    assert httpx.get(url + "/health").status_code == 200
+
+
+def test_api_key_is_required(servers):
+    url = servers["main"].url
+    body = {"items": [{"prompt": "p", "reference": "r", "candidate": "c"}]}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {API_KEY}x"}, {"X-API-Key": ""}):
+        response = httpx.post(url + "/score", headers=headers, json=body)
+        assert response.status_code == 401, headers
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert "api_key" in response.json()["error"]["message"]
+    assert httpx.get(url + "/metrics").status_code == 401
+    assert httpx.post(url + "/score", headers={"X-API-Key": API_KEY}, json=body).status_code == 200
+    assert httpx.get(url + "/health").status_code == 200  # liveness probes need no key
+
+
+def test_full_queue_answers_503_with_retry_after(servers, scorer):
+    url = servers["small"].url  # at most 2 requests in flight; each waits 400 ms for company
+    item = {"prompt": PROMPTS[0], "reference": REFERENCES[0], "candidate": "4"}
+    expected = scorer.score([PROMPTS[0]], [REFERENCES[0]], ["4"])
+
+    async def run():
+        async with httpx.AsyncClient(timeout=30) as http:
+            return await asyncio.gather(*(http.post(url + "/score", json={"items": [item]}) for _ in range(10)))
+
+    responses = asyncio.run(run())
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) == {200, 503}, statuses
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "1"
+            assert "--max-queue" in r.json()["error"]["message"]
+        else:
+            assert_close(r.json()["scores"], expected)
+    again = httpx.post(url + "/score", json={"items": [item]}, timeout=30)
+    assert again.status_code == 200
+
+
+def test_batcher_isolates_a_failing_request(scorer):
+    """A request that breaks the model fails alone; the requests batched with it still get their scores."""
+    template = scorer.template
+    good = [template.encode(p, r, c) for p, r, c in triples()[:4]]
+    expected = scorer.score_ids(good)
+    broken = [[len(template.tokenizer) + 1000, template.reward_token_id]]  # an id past the embedding table
+    batcher = Batcher(scorer, max_tokens=10**6, window_s=0.2)
+    batcher.start()
+
+    async def run():
+        jobs = [batcher.score([ids], [None]) for ids in good] + [batcher.score(broken, [None])]
+        return await asyncio.gather(*jobs, return_exceptions=True)
+
+    try:
+        *answers, failure = asyncio.run(run())
+        assert isinstance(failure, Exception)
+        assert_close([a[0] for a in answers], expected)
+        assert asyncio.run(batcher.score(good[:1], [None])) == pytest.approx(expected[:1], abs=TOL)
+    finally:
+        batcher.close(timeout=10)
+
+
+def test_serve_command_registers_with_typer():
+    import typer
+    from typer.testing import CliRunner
+
+    from trl_polar.server import serve_command
+
+    app = typer.Typer()
+    app.command("serve")(serve_command)
+    app.command("other")(lambda: None)
+    result = CliRunner().invoke(app, ["serve", "--help"])
+    assert result.exit_code == 0, result.output
+    for option in (
+        "--model",
+        "--host",
+        "--port",
+        "--api-key",
+        "--max-batch-tokens",
+        "--max-queue",
+        "--max-body-bytes",
+    ):
+        assert option in result.output
+
+
+def test_graceful_shutdown_finishes_admitted_requests(servers, scorer):
+    """SIGTERM: the two admitted requests (waiting in the 400 ms batch window) are answered; new ones are refused."""
+    server = servers["small"]
+    url = server.url
+    item = {"prompt": PROMPTS[1], "reference": REFERENCES[1], "candidate": "bonjour"}
+    expected = scorer.score([PROMPTS[1]], [REFERENCES[1]], ["bonjour"])
+
+    async def run():
+        async with httpx.AsyncClient(timeout=30) as http:
+            admitted = [asyncio.ensure_future(http.post(url + "/score", json={"items": [item]})) for _ in range(2)]
+            await asyncio.sleep(0.15)
+            server.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.05)
+            async with httpx.AsyncClient(timeout=5) as fresh:
+                try:
+                    late = (await fresh.post(url + "/score", json={"items": [item]})).status_code
+                except httpx.TransportError:
+                    late = "refused"
+            return await asyncio.gather(*admitted), late
+
+    answers, late = asyncio.run(run())
+    for response in answers:
+        assert response.status_code == 200, response.text
+        assert_close(response.json()["scores"], expected)
+    assert late in (503, "refused")
+    assert server.proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(url + "/health", timeout=2)
