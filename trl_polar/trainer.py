@@ -60,7 +60,8 @@ class PolarRewardTrainer(RewardTrainer):
             already tokenized by this trainer (``chosen_ids``/``rejected_ids`` or ``candidates_ids``).
         processing_class: the tokenizer; loaded from the model when omitted.
         peft_config: e.g. ``LoraConfig(task_type="SEQ_CLS", ...)``; the adapters and the value head train.
-        Other arguments are `trl.RewardTrainer`'s.
+
+    The other arguments are those of `trl.RewardTrainer`.
 
     Example::
 
