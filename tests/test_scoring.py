@@ -194,3 +194,21 @@ def test_peft_wrapped_model(tiny_qwen2_rm_dir):
     with peft_model.disable_adapter():
         without = _plain_scores(peft_model, template, PROMPTS[:8], REFERENCES[:8], CANDIDATES[:8])
     assert max(abs(a - b) for a, b in zip(without, got, strict=True)) > 1e-4, "the adapters must take part"
+
+
+def test_a_bad_input_does_not_switch_the_prefix_cache_off(tiny_qwen2_rm_dir):
+    from trl_polar.scoring import PolarScorer
+
+    scorer = PolarScorer(tiny_qwen2_rm_dir, device="cpu")
+    good = scorer.encode(["What is 2 + 2?"] * 3, ["4"] * 3, ["4", "five", "It is 4."])
+    expected = PolarScorer(tiny_qwen2_rm_dir, device="cpu", shared_prefix=False).score_ids(good, ["g"] * 3)
+    assert scorer.score_ids(good, ["g"] * 3) == pytest.approx(expected, abs=1e-5)
+    assert [mb.kind for mb in scorer.last_plan] == ["cached"]
+    with pytest.raises(TypeError):
+        scorer.score_ids(good, [["unhashable"]] * 3)  # fails while planning, before any forward
+    with pytest.raises(ValueError, match=r"Sequence\(s\) \[1\] are empty"):
+        scorer.score_ids([good[0], []], ["g", "g"])
+    # The fast path survives bad calls (a long-running server must not lose it to one bad request).
+    assert scorer.supports_prefix_cache
+    assert scorer.score_ids(good, ["g"] * 3) == pytest.approx(expected, abs=1e-5)
+    assert [mb.kind for mb in scorer.last_plan] == ["cached"]

@@ -299,16 +299,29 @@ class PolarScorer:
             return []
         if group_keys is None:
             group_keys = [None] * n
+        if len(group_keys) != n:
+            raise ValueError(f"`group_keys` has {len(group_keys)} entries for {n} sequences; pass one per sequence.")
+        empty = [i for i, ids in enumerate(input_ids) if len(ids) == 0]
+        if empty:
+            raise ValueError(f"Sequence(s) {empty[:10]} are empty; every input must end with the reward token.")
         with self._lock:
+            self.last_plan = []  # a plan() that raises must not leave the previous call's plan behind
             try:
                 return self._run(input_ids, group_keys, show_progress)
             except (TypeError, AttributeError, NotImplementedError, ValueError) as err:
                 if not self.supports_prefix_cache or all(mb.kind == "plain" for mb in self.last_plan):
                     raise
-                # Some cache classes (or remote-code models) cannot be repeated per candidate: score plainly.
+                # Some cache classes (or remote-code models) cannot be repeated per candidate. Retry this call
+                # plainly; only if that works was the cache the culprit, and only then is it switched off for good
+                # (a bad input fails the plain path too, and must not cost a long-running server its fast path).
+                cache_kwarg, self._cache_kwarg = self._cache_kwarg, None
+                try:
+                    scores = self._run(input_ids, group_keys, show_progress)
+                except Exception:
+                    self._cache_kwarg = cache_kwarg
+                    raise
                 logger.warning("Prefix-cache scoring failed (%s: %s); scoring plainly.", type(err).__name__, err)
-                self._cache_kwarg = None
-                return self._run(input_ids, group_keys, show_progress)
+                return scores
 
     def _run(self, input_ids, group_keys, show_progress) -> list[float]:
         n = len(input_ids)
