@@ -64,12 +64,14 @@ def build(script: PolarRLArguments):
     return tokenizer, dataset, reward
 
 
-def main() -> None:
+def main(config_class: type | None = None, trainer_class: type | None = None) -> None:
+    """Parse flags, build the POLAR reward and train; GRPO by default, RLOO from examples/rloo_polar.py."""
     from trl import GRPOConfig, GRPOTrainer
 
-    script, config = HfArgumentParser((PolarRLArguments, GRPOConfig)).parse_args_into_dataclasses()
+    config_class, trainer_class = config_class or GRPOConfig, trainer_class or GRPOTrainer
+    script, config = HfArgumentParser((PolarRLArguments, config_class)).parse_args_into_dataclasses()
     tokenizer, dataset, reward = build(script)
-    trainer = GRPOTrainer(
+    trainer = trainer_class(
         model=script.model_name_or_path,
         reward_funcs=[reward],
         args=config,

@@ -9,25 +9,8 @@ RLOO's leave-one-out baseline is computed from the raw rewards, so POLAR's negat
 
 from __future__ import annotations
 
-from grpo_polar import PolarRLArguments, build
-from transformers import HfArgumentParser
-
-
-def main() -> None:
-    from trl import RLOOConfig, RLOOTrainer
-
-    script, config = HfArgumentParser((PolarRLArguments, RLOOConfig)).parse_args_into_dataclasses()
-    tokenizer, dataset, reward = build(script)
-    trainer = RLOOTrainer(
-        model=script.model_name_or_path,
-        reward_funcs=[reward],
-        args=config,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-    )
-    trainer.train()
-    trainer.save_model(config.output_dir)
-
+from grpo_polar import main
+from trl import RLOOConfig, RLOOTrainer
 
 if __name__ == "__main__":
-    main()
+    main(RLOOConfig, RLOOTrainer)

@@ -1,0 +1,32 @@
+"""The RL example scripts run as users run them (one CPU process; 2-process runs: test_grpo_multiprocess)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize("script", ["grpo_polar.py", "rloo_polar.py"])
+def test_rl_example_trains_with_a_polar_reward(tmp_path, script, tiny_qwen2_rm_dir, tiny_qwen2_lm_dir):
+    rows = [{"prompt": f"Question {i}: what is {i} + {i}?", "reference": str(2 * i)} for i in range(8)]
+    data = tmp_path / "rl.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), "--model_name_or_path", tiny_qwen2_lm_dir,
+         "--reward_model", tiny_qwen2_rm_dir, "--dataset", str(data), "--output_dir", str(tmp_path / "out"),
+         "--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generations", "4",
+         "--max_completion_length", "8", "--use_cpu", "--report_to", "none", "--logging_steps", "1"],
+        capture_output=True, text=True, timeout=300, check=False, cwd=EXAMPLES,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    means = re.findall(r"'rewards/polar_reward/mean': '([^']+)'", out.stdout + out.stderr)
+    assert means and all(math.isfinite(float(m)) for m in means)
+    assert (tmp_path / "out" / "config.json").is_file()
