@@ -537,20 +537,10 @@ def _check_lengths(**lists: Sequence[Any]) -> int:
     return next(iter(sizes.values()), 0)
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="POLAR scoring", unit="item")
+    return tqdm(total=total, desc="POLAR scoring", unit="item", disable=not enabled)
 
 
 # ---------------------------------------------------------------------------------------------------- files

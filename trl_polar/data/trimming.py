@@ -82,9 +82,8 @@ def trim_incomplete_ending(text: str) -> tuple[str, bool]:
     >>> trim_incomplete_ending("One. Two! Three is cut")
     ('One. Two!', True)
     """
-    last = None
-    for last in _SENTENCE_END.finditer(text):  # noqa: B007 - only the last match matters
-        pass
+    matches = list(_SENTENCE_END.finditer(text))
+    last = matches[-1] if matches else None
     if last is None or not text[: last.end()].strip():
         return text, False
     return text[: last.end()].rstrip(), True
