@@ -80,6 +80,7 @@ def main(config_class: type | None = None, trainer_class: type | None = None) ->
     )
     trainer.train()
     trainer.save_model(config.output_dir)
+    trainer.accelerator.end_training()  # a clean process-group teardown, so no rank aborts at exit
 
 
 if __name__ == "__main__":

@@ -21,4 +21,5 @@ import sys
 from trl_polar.training import parse_train_args, run_training
 
 if __name__ == "__main__":
-    run_training(*parse_train_args(sys.argv[1:]))
+    trainer = run_training(*parse_train_args(sys.argv[1:]))
+    trainer.accelerator.end_training()  # a clean process-group teardown, so no rank aborts at exit

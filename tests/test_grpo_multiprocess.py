@@ -63,6 +63,8 @@ SCRIPT = textwrap.dedent(
     if trainer.accelerator.is_main_process:
         with open(os.path.join(out_dir, "log_history.json"), "w", encoding="utf-8") as f:
             json.dump(trainer.state.log_history, f)
+    # Tear the process group down before exit: gloo's threads outliving it can abort a rank at shutdown.
+    trainer.accelerator.end_training()
     """
 ).replace("@N@", str(N_PROMPTS))
 

@@ -257,7 +257,8 @@ def train(
         return
     if config is not None and not config.is_file():
         raise CLIError(f"{config}: no such file.")
-    run_training(*parse_train_args(ctx.args, str(config) if config else None))
+    trainer = run_training(*parse_train_args(ctx.args, str(config) if config else None))
+    trainer.accelerator.end_training()  # a clean process-group teardown, so no rank aborts at exit
 
 
 @app.command()
