@@ -34,16 +34,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from bench_model import add_model_args, build_model  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate", type=int, default=704)
-    p.add_argument("--arch", default="qwen2", choices=["qwen2", "llama"])
+    add_model_args(p)
     p.add_argument("--prompts", type=int, default=4, help="prompts in the speed run")
     p.add_argument("--G", type=int, default=8, help="completions per prompt")
     p.add_argument("--prompt-tokens", type=int, default=256)
@@ -62,24 +58,6 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------------------------------------------- setup
-def build_model(args, out_dir):
-    from trl_polar.tiny import build_tiny_reward_model, build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer()
-    build_tiny_reward_model(
-        tokenizer,
-        arch=args.arch,
-        seed=args.seed,
-        out_dir=out_dir,
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        intermediate_size=args.intermediate,
-        max_position_embeddings=8192,
-    )
-
-
 def load(args, model_dir):
     from trl_polar.scoring import PolarScorer
 

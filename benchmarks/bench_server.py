@@ -35,17 +35,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
+from bench_model import add_model_args, build_model  # noqa: E402
 from serving_helpers import RawHTTP  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate", type=int, default=704)
-    p.add_argument("--arch", default="qwen2", choices=["qwen2", "llama"])
+    add_model_args(p)
     p.add_argument("--groups", type=int, default=32, help="(prompt, reference) groups in the item set")
     p.add_argument("--G", type=int, default=8, help="completions per group")
     p.add_argument("--items-per-request", type=int, default=8, help="items per HTTP request (a group by default)")
@@ -65,23 +61,6 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-def build_model(args, out_dir):
-    from trl_polar.tiny import build_tiny_reward_model, build_tiny_tokenizer
-
-    build_tiny_reward_model(
-        build_tiny_tokenizer(),
-        arch=args.arch,
-        seed=args.seed,
-        out_dir=out_dir,
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        intermediate_size=args.intermediate,
-        max_position_embeddings=8192,
-    )
 
 
 def make_items(tokenizer, args):

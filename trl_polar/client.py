@@ -362,9 +362,7 @@ class PolarClient:
         wrapper: str | None = None,
     ) -> list[float]:
         """One float per (prompt, reference, candidate), in order; raises `PolarClientError`, never returns None."""
-        loop = self._ensure_loop()
-        future = asyncio.run_coroutine_threadsafe(self._score(prompts, references, candidates, wrapper), loop)
-        return future.result()
+        return self._submit(prompts, references, candidates, wrapper).result()
 
     async def ascore(
         self,
@@ -374,9 +372,14 @@ class PolarClient:
         wrapper: str | None = None,
     ) -> list[float]:
         """`score` for async code: awaits without blocking the caller's event loop."""
-        loop = self._ensure_loop()
-        future = asyncio.run_coroutine_threadsafe(self._score(prompts, references, candidates, wrapper), loop)
-        return await asyncio.wrap_future(future)
+        return await asyncio.wrap_future(self._submit(prompts, references, candidates, wrapper))
+
+    def _submit(self, prompts, references, candidates, wrapper):
+        # All HTTP runs on the client's own loop thread, so sync and async callers of one client share
+        # its connection pool and its concurrency limit.
+        return asyncio.run_coroutine_threadsafe(
+            self._score(prompts, references, candidates, wrapper), self._ensure_loop()
+        )
 
     # ------------------------------------------------------------------------------------------------ internals
     def _payloads(self, prompts, references, candidates, wrapper: str) -> list[tuple[dict, int]]:
