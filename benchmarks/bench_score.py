@@ -7,9 +7,12 @@ randomly initialised reward model (speed does not depend on the weights), built 
            (what the official client's text + a transformers forward do);
 - trl:     TRL GRPO's reward-model path: prompt + completion only (no reference: a speed reference, not POLAR),
            padded, one forward per ``--naive-batch`` completions, ``logits[:, 0]``;
-- polar:   PolarScorer (token budget, length-sorted, shared prefix through the KV cache);
-- limit:   a forward over the unique tokens only: each prefix once, then every completion alone without attending to
-           the prefix, in PolarScorer's micro-batches.
+- polar:   PolarScorer (token-budgeted unpadded rows, each shared prefix once, segment attention);
+- limit:   a forward over the unique tokens only: PolarScorer's rows, but every completion runs as a sequence of its
+           own, without attending to its prefix. No exact method reaches it: the gap is that attention.
+- one sequence per group (forward only): the unique tokens of a group as one causal sequence through the model's own
+           attention (prefix, then the completions back to back), the literal reading of "a forward over the unique
+           tokens"; its completions attend to more than they need, so an exact scorer can beat it.
 
 Peak memory is measured in fresh subprocesses (CUDA: max allocated; CPU: sampled RSS growth) while scoring
 ``--memory-completions`` completions. The last line printed is one JSON object.
@@ -138,27 +141,46 @@ def limit(scorer, prompts, references, candidates):
 
 
 def limit_forward(scorer, ids, keys):
-    """In PolarScorer's micro-batches: every distinct prefix once (batched), then each completion's own tokens as
-    if they were a sequence of their own (no attention to the prefix, no cache)."""
-    plan = scorer.plan(ids, keys)
-    done = set()
+    """PolarScorer's rows with every segment attending to itself only: each prefix once, each completion's own
+    tokens as a sequence of their own. Every unique token runs once, unpadded; what is left out is the completions'
+    attention to their prefix, which exact scoring cannot skip."""
+    from trl_polar.segment_attention import Segment, SegmentLayout, segment_forward
+
     with torch.inference_mode():
-        for mb in plan:
-            rows = [ids[i] for i in mb.indices]
-            if mb.kind != "plain":
-                prefixes = mb.prefixes or (mb.prefix,) * len(rows)
-                groups = mb.row_groups or (mb.group,) * len(rows)
-                firsts = {}
-                for row, group, prefix in zip(rows, groups, prefixes, strict=True):
-                    if (mb.kind, group) not in done:
-                        firsts.setdefault(group, row[:prefix])
-                if firsts:
-                    done.update((mb.kind, g) for g in firsts)
-                    prefix_ids, _ = _padded(list(firsts.values()), scorer.pad_token_id, scorer.device)
-                    scorer._backbone(input_ids=prefix_ids, use_cache=False)
-                rows = [r[p:] for r, p in zip(rows, prefixes, strict=True)]
-            input_ids, _ = _padded(rows, scorer.pad_token_id, scorer.device)
+        for mb in scorer.plan(ids, keys):
+            row, segments, seen = [], [], set()
+            for i, prefix, unit in zip(mb.indices, mb.prefixes, mb.units, strict=True):
+                if prefix and unit not in seen:
+                    seen.add(unit)
+                    segments.append(Segment(len(row), prefix))
+                    row.extend(ids[i][:prefix])
+                segments.append(Segment(len(row), len(ids[i]) - prefix))
+                row.extend(ids[i][prefix:])
+            layout = SegmentLayout(segments, scorer.device)
+            segment_forward(scorer._backbone, torch.tensor(row, device=scorer.device), layout)
+
+
+def one_sequence_forward(scorer, ids, keys, budget):
+    """The unique tokens of each group as ONE causal sequence (prefix, then the completions back to back) through
+    the model's own attention, right-padded and batched under ``budget`` tokens: the literal "forward over the unique
+    tokens", in which every completion also attends to the completions before it."""
+    groups = {}
+    for seq, key in zip(ids, keys, strict=True):
+        groups.setdefault(key, []).append(seq)
+    sequences = []
+    for seqs in groups.values():
+        from trl_polar.template import common_prefix_length
+
+        prefix = min(common_prefix_length(*seqs), min(len(x) for x in seqs) - 1) if len(seqs) > 1 else 0
+        sequences.append(list(seqs[0][:prefix]) + [t for x in seqs for t in x[prefix:]])
+    sequences.sort(key=len, reverse=True)
+    with torch.inference_mode():
+        start = 0
+        while start < len(sequences):
+            stop = start + max(1, budget // len(sequences[start]))
+            input_ids, _ = _padded(sequences[start:stop], scorer.pad_token_id, scorer.device)
             scorer._backbone(input_ids=input_ids, use_cache=False)
+            start = stop
 
 
 def unique_token_count(ids, keys):
@@ -282,17 +304,20 @@ def main(argv=None):
         f_naive, _ = timed(lambda: naive_forward(scorer, ids, args.naive_batch), args.repeats)
         f_polar, _ = timed(lambda: scorer.score_ids(ids, keys), args.repeats)
         f_limit, _ = timed(lambda: limit_forward(scorer, ids, keys), args.repeats)
+        f_one, _ = timed(lambda: one_sequence_forward(scorer, ids, keys, args.budget), args.repeats)
         max_diff = max(abs(a - b) for a, b in zip(s_naive, s_polar, strict=True))
         rows = [
             ("naive", t_naive, f_naive),
             ("trl (no reference)", t_trl, None),
             ("PolarScorer", t_polar, f_polar),
             ("limit", t_limit, f_limit),
+            ("unique tokens, one sequence per group", None, f_one),
         ]
-        print(f"{'method':<20} {'seconds':>9} {'completions/s':>14} {'vs naive':>9} {'forward s':>10} {'vs naive':>9}")
+        print(f"{'method':<38} {'seconds':>9} {'completions/s':>14} {'vs naive':>9} {'forward s':>10} {'vs naive':>9}")
         for name, t, f in rows:
+            end = f"{t:9.3f} {n / t:14.1f} {t_naive / t:8.2f}x" if t is not None else f"{'-':>9} {'-':>14} {'-':>9}"
             fwd = f"{f:10.3f} {f_naive / f:8.2f}x" if f is not None else f"{'-':>10} {'-':>9}"
-            print(f"{name:<20} {t:9.3f} {n / t:14.1f} {t_naive / t:8.2f}x {fwd}")
+            print(f"{name:<38} {end} {fwd}")
         print(f"PolarScorer tokenization alone: {t_encode:.3f} s ({scorer.encode_workers} threads)")
         print(f"max |naive - PolarScorer| = {max_diff:.2e}", flush=True)
         result = {
@@ -301,6 +326,7 @@ def main(argv=None):
             "speedup_vs_trl_path": round(t_trl / t_polar, 3),
             "forward_speedup_vs_naive": round(f_naive / f_polar, 3),
             "forward_fraction_of_limit": round(f_limit / f_polar, 3),
+            "forward_fraction_of_one_sequence_limit": round(f_one / f_polar, 3),
             "encode_seconds": round(t_encode, 4),
             "completions_per_s": {
                 "naive": round(n / t_naive, 2),

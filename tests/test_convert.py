@@ -89,6 +89,23 @@ def test_load_reward_model_converts_official_checkpoints_in_memory(shared_fixtur
         load_reward_model(shared_fixtures / "internlm2_reward_tiny", trust_remote_code=True)
 
 
+def test_scorer_on_official_checkpoint_matches_upstream_scores(shared_fixtures, reference):
+    """PolarScorer's unpadded rows and shared prefixes reproduce the upstream scores of the official architecture."""
+    from trl_polar.scoring import PolarScorer
+
+    model, template = load_reward_model(
+        shared_fixtures / "internlm2_reward_tiny", tokenizer=str(shared_fixtures / "bpe_tokenizer_with_bos")
+    )
+    inputs = [case["input_ids"] for case in reference["inputs"]]
+    scorer = PolarScorer(model, template, device="cpu")
+    # Items 0, 1, 2 and 5 start with the same 8 ids: one group sharing that prefix; the others run whole.
+    keys = ["shared" if i in (0, 1, 2, 5) else i for i in range(len(inputs))]
+    got = scorer.score_ids(inputs, keys)
+    assert got == pytest.approx([case["score"] for case in reference["inputs"]], abs=1e-4)
+    prefixes = dict(zip(scorer.last_plan[0].indices, scorer.last_plan[0].prefixes, strict=True))
+    assert [prefixes[i] for i in (0, 1, 2, 5)] == [8] * 4 and len(scorer.last_plan) == 1
+
+
 def test_a_tokenizer_of_another_model_is_refused(tmp_path, shared_fixtures, tiny_tokenizer_dir):
     with pytest.raises(ValueError, match="does not belong to this checkpoint"):
         convert_checkpoint(shared_fixtures / "internlm2_reward_tiny", tmp_path / "bad", tokenizer=tiny_tokenizer_dir)

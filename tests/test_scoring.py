@@ -53,60 +53,80 @@ def test_scores_equal_plain_forward(arch, attn, request):
     path = request.getfixturevalue(f"tiny_{arch}_rm_dir")
     model, template = _load(path, attn)
     expected = _plain_scores(model, template, PROMPTS, REFERENCES, CANDIDATES)
-    # A large budget packs both groups into one batch (right-padded prefixes, per-row positions and mask); a small
-    # one gives each group its own cached batches, the larger group split into chunks that share its prefix cache.
-    for budget, fast_kinds in ((4096, {"packed"}), (400, {"cached"})):
+    # A large budget puts both groups and the lone items in one unpadded row; a small one splits the first group into
+    # chunks that each carry its prefix.
+    for budget in (4096, 60):
         scorer = PolarScorer(model, template, max_tokens_per_batch=budget, device="cpu")
         got = scorer.score(PROMPTS, REFERENCES, CANDIDATES)
         assert got == pytest.approx(expected, abs=1e-5), budget
-        assert {mb.kind for mb in scorer.last_plan} == fast_kinds | {"plain"}
-        # The two groups with >= 2 candidates share a prefix; the lone item and the odd reference go plain.
-        fast = sorted(i for mb in scorer.last_plan if mb.kind != "plain" for i in mb.indices)
-        assert fast == list(range(8))
-    assert len([mb for mb in scorer.last_plan if mb.group == 0]) >= 2, "the first group must span several batches"
+        assert {mb.kind for mb in scorer.last_plan} == {"row"}
+        # The two groups with >= 2 candidates share a prefix; the lone item and the odd reference run whole.
+        prefixes = {i: p for mb in scorer.last_plan for i, p in zip(mb.indices, mb.prefixes, strict=True)}
+        assert sorted(i for i, p in prefixes.items() if p > 0) == list(range(8))
+    assert len(scorer.last_plan) >= 3
+    rows_of_first_group = [mb for mb in scorer.last_plan if set(mb.indices) & {0, 1, 2, 3, 4}]
+    assert len(rows_of_first_group) >= 2, "the first group must span several rows"
 
 
 def test_shared_prefix_off_and_small_budget_give_same_scores(tiny_qwen2_rm_dir):
     model, template = _load(tiny_qwen2_rm_dir)
     fast = PolarScorer(model, template, max_tokens_per_batch=4096, device="cpu").score(PROMPTS, REFERENCES, CANDIDATES)
-    plain_scorer = PolarScorer(model, template, max_tokens_per_batch=4096, device="cpu", shared_prefix=False)
-    plain = plain_scorer.score(PROMPTS, REFERENCES, CANDIDATES)
-    assert {mb.kind for mb in plain_scorer.last_plan} == {"plain"}
-    # A budget below one sequence: every item runs alone, a group's prefix is reused across its chunks.
+    unshared_scorer = PolarScorer(model, template, max_tokens_per_batch=4096, device="cpu", shared_prefix=False)
+    unshared = unshared_scorer.score(PROMPTS, REFERENCES, CANDIDATES)
+    # Without sharing, the items still go unpadded into one row, each whole.
+    assert [(mb.kind, set(mb.prefixes)) for mb in unshared_scorer.last_plan] == [("row", {0})]
+    # A budget below one sequence: every item runs alone (with its group's prefix as a segment of its own).
     tiny_budget = PolarScorer(model, template, max_tokens_per_batch=8, device="cpu")
     single = tiny_budget.score(PROMPTS, REFERENCES, CANDIDATES)
     assert all(len(mb.indices) == 1 for mb in tiny_budget.last_plan)
-    assert fast == pytest.approx(plain, abs=1e-5)
-    assert single == pytest.approx(plain, abs=1e-5)
+    expected = _plain_scores(model, template, PROMPTS, REFERENCES, CANDIDATES)
+    for got in (fast, unshared, single):
+        assert got == pytest.approx(expected, abs=1e-5)
+
+
+def test_sliding_window_model_is_scored_plainly(tiny_tokenizer_dir):
+    """Segment attention implements no sliding window: such a model gets padded plain batches, still exact."""
+    from transformers import AutoTokenizer
+
+    from trl_polar.tiny import build_tiny_reward_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    config = {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1}
+    model = build_tiny_reward_model(tokenizer, arch="qwen2", **config)
+    assert "sliding_attention" in model.config.layer_types
+    template = PolarTemplate(tokenizer)
+    scorer = PolarScorer(model.eval(), template, device="cpu")
+    got = scorer.score(PROMPTS, REFERENCES, CANDIDATES)
+    assert not scorer.uses_segment_attention
+    assert {mb.kind for mb in scorer.last_plan} == {"plain"}
+    assert got == pytest.approx(_plain_scores(model, template, PROMPTS, REFERENCES, CANDIDATES), abs=1e-5)
 
 
 def test_budget_bounds_every_forward(tiny_qwen2_rm_dir):
-    """Count the key/value positions of every real forward pass: each stays under the budget."""
+    """Count the tokens of every real forward pass: each stays under the budget."""
     model, template = _load(tiny_qwen2_rm_dir)
     budget = 300
     scorer = PolarScorer(model, template, max_tokens_per_batch=budget, device="cpu")
+    assert scorer.uses_segment_attention  # settles the one-off check before counting
     seen = []
 
     def record(module, args, kwargs):
-        ids = kwargs["input_ids"]
-        cache = kwargs.get("cache") or kwargs.get("past_key_values")
-        cached = cache.get_seq_length() if cache is not None else 0
-        seen.append((ids.shape[0], ids.shape[0] * (cached + ids.shape[1])))
+        seen.append(tuple(kwargs["input_ids"].shape))
 
     handle = scorer._backbone.register_forward_pre_hook(record, with_kwargs=True)
     prompts = [PROMPT_A] * 16 + [f"prompt number {i}" for i in range(16)]
     references = ["The answer is 4."] * 16 + [f"reference {i}" for i in range(16)]
     candidates = [("word " * (i % 7 + 1)).strip() for i in range(32)]
     try:
-        scorer.score(prompts, references, candidates)
+        got = scorer.score(prompts, references, candidates)
     finally:
         handle.remove()
     assert len(seen) >= 3
-    for rows, tokens in seen:
-        assert tokens <= budget or rows == 1, (rows, tokens)
+    assert all(rows == 1 and tokens <= budget for rows, tokens in seen), seen
     # The plan agrees with what ran, and scored every item exactly once.
+    assert [tokens for _, tokens in seen] == [mb.length for mb in scorer.last_plan]
     assert sorted(i for mb in scorer.last_plan for i in mb.indices) == list(range(32))
-    assert all(mb.tokens <= budget or len(mb.indices) == 1 for mb in scorer.last_plan)
+    assert got == pytest.approx(_plain_scores(model, template, prompts, references, candidates), abs=1e-5)
 
 
 def test_truncated_items_still_exact(tiny_tokenizer_dir, tiny_qwen2_rm_dir):
@@ -190,25 +210,25 @@ def test_peft_wrapped_model(tiny_qwen2_rm_dir):
     scorer = PolarScorer(peft_model, template, device="cpu")
     got = scorer.score(PROMPTS[:8], REFERENCES[:8], CANDIDATES[:8])
     assert got == pytest.approx(expected, abs=1e-5)
-    assert "packed" in {mb.kind for mb in scorer.last_plan}
+    assert any(p > 0 for mb in scorer.last_plan for p in mb.prefixes)
     with peft_model.disable_adapter():
         without = _plain_scores(peft_model, template, PROMPTS[:8], REFERENCES[:8], CANDIDATES[:8])
     assert max(abs(a - b) for a, b in zip(without, got, strict=True)) > 1e-4, "the adapters must take part"
 
 
-def test_a_bad_input_does_not_switch_the_prefix_cache_off(tiny_qwen2_rm_dir):
+def test_a_bad_input_does_not_switch_segment_attention_off(tiny_qwen2_rm_dir):
     from trl_polar.scoring import PolarScorer
 
     scorer = PolarScorer(tiny_qwen2_rm_dir, device="cpu")
     good = scorer.encode(["What is 2 + 2?"] * 3, ["4"] * 3, ["4", "five", "It is 4."])
     expected = PolarScorer(tiny_qwen2_rm_dir, device="cpu", shared_prefix=False).score_ids(good, ["g"] * 3)
     assert scorer.score_ids(good, ["g"] * 3) == pytest.approx(expected, abs=1e-5)
-    assert [mb.kind for mb in scorer.last_plan] == ["cached"]
+    assert [(mb.kind, min(mb.prefixes) > 0) for mb in scorer.last_plan] == [("row", True)]
     with pytest.raises(TypeError):
         scorer.score_ids(good, [["unhashable"]] * 3)  # fails while planning, before any forward
     with pytest.raises(ValueError, match=r"Sequence\(s\) \[1\] are empty"):
         scorer.score_ids([good[0], []], ["g", "g"])
     # The fast path survives bad calls (a long-running server must not lose it to one bad request).
-    assert scorer.supports_prefix_cache
+    assert scorer.uses_segment_attention
     assert scorer.score_ids(good, ["g"] * 3) == pytest.approx(expected, abs=1e-5)
-    assert [mb.kind for mb in scorer.last_plan] == ["cached"]
+    assert [(mb.kind, min(mb.prefixes) > 0) for mb in scorer.last_plan] == [("row", True)]

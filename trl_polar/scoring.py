@@ -3,21 +3,21 @@
 Every consumer (the GRPO/RLOO reward callable, the verl and OpenRLHF adapters, the CLI, evaluation, the server)
 scores through `PolarScorer.score`. Two ideas make it fast and memory-safe:
 
-- **Token-budgeted micro-batches.** Items are sorted by length and packed into micro-batches whose cost, the number
-  of key/value positions the batch attends over (rows x padded length, cached prefix included), stays under
-  ``max_tokens_per_batch``. Peak memory follows the budget, not the number of items.
+- **Token-budgeted, unpadded micro-batches.** Items are packed into rows of at most ``max_tokens_per_batch`` tokens
+  with no padding at all; peak memory follows the budget, not the number of items.
 - **Shared prefix.** Candidates of one (prompt, reference) pair, such as a GRPO group, start with the same ids
-  ``BOS P \\n REF <|reward|> P \\n``. The prefix runs once with a KV cache, the cache is repeated per candidate,
-  and only the candidates' own tokens run through the model. Causal attention makes this exact; the prefix is the
-  longest common run of the *final* token ids, so a tokenizer that merges across the boundary only shortens it.
-  Small groups are packed several to a batch (right-padded prefixes, per-row positions and mask), so that many
-  groups cost a few large forward passes rather than many small ones.
+  ``BOS P \\n REF <|reward|> P \\n``. A row holds that prefix once and then each candidate's own tokens; segment
+  attention (`trl_polar.segment_attention`) lets every candidate attend to the prefix and causally to itself, with
+  positions continuing from the prefix. The model's projections and MLPs see only unique tokens. Causal attention
+  makes this exact; the prefix is the longest common run of the *final* token ids, so a tokenizer that merges
+  across the boundary only shortens it.
+
+A model whose layers do not take segment attention (or whose scores through it differ from its plain forward, which
+is checked once) is scored with length-sorted, right-padded plain batches instead.
 """
 
 from __future__ import annotations
 
-import copy
-import inspect
 import json
 import logging
 import math
@@ -30,13 +30,14 @@ from typing import Any
 
 import torch
 
+from .segment_attention import Segment, SegmentLayout, segment_forward
 from .template import PolarTemplate, Text, common_prefix_length, flatten
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS_PER_BATCH = 16384
-# A shared prefix shorter than this saves less than the cost of a separate, smaller forward pass.
-DEFAULT_MIN_PREFIX_TOKENS = 16
+# Sharing costs nothing but a masked attention bucket, so any common prefix is worth sharing by default.
+DEFAULT_MIN_PREFIX_TOKENS = 1
 # Fewer items than this are tokenized serially: a thread hand-off costs more than it saves.
 _PARALLEL_ENCODE_MIN_ITEMS = 32
 CANDIDATE_COLUMNS = ("output", "candidate", "completion", "response")
@@ -44,25 +45,23 @@ CANDIDATE_COLUMNS = ("output", "candidate", "completion", "response")
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """One forward pass of the plan: ``rows`` items, padded to ``length`` new tokens after ``prefix`` cached ones.
+    """One forward pass of the plan.
 
-    kind: "plain" (full sequences), "cached" (candidates of one group after its cached prefix; a group too large
-    for one batch spans several, which share the prefix cache) or "packed" (whole groups, each row after its own
-    group's prefix; prefixes are right-padded to the longest, ``prefixes`` gives each row's real prefix length).
+    kind: "row" (one unpadded row of ``length`` tokens: each unit's shared prefix once, then its members' own
+    tokens; ``prefixes`` gives each item's shared prefix length, 0 for an item alone, and ``units`` which unit of
+    the row it belongs to) or "plain" (full sequences right-padded to ``length``).
     """
 
     kind: str
     indices: tuple[int, ...]
     length: int
-    prefix: int = 0
-    group: int = -1
     prefixes: tuple[int, ...] = ()
-    row_groups: tuple[int, ...] = ()
+    units: tuple[int, ...] = ()
 
     @property
     def tokens(self) -> int:
-        """Key/value positions the batch attends over: what its attention and cache memory grow with."""
-        return len(self.indices) * (self.prefix + self.length)
+        """Positions the pass runs: the row's tokens, or rows x padded length for a plain batch."""
+        return self.length if self.kind == "row" else len(self.indices) * self.length
 
 
 def _resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype | None:
@@ -106,13 +105,14 @@ class PolarScorer:
         model_or_path: a saved POLAR reward model directory (or hub name), or a loaded one-label
             sequence-classification model (then pass ``template`` or let it be rebuilt from the model's config).
         template: the `PolarTemplate`; read from the checkpoint when omitted.
-        max_tokens_per_batch: the most key/value positions one micro-batch may attend over. A single item longer
-            than the budget still runs, alone.
+        max_tokens_per_batch: the most tokens one micro-batch runs through the model (a shared prefix counts
+            once, nothing is padded; plain batches count rows x padded length). A single item longer than the
+            budget still runs, alone.
         device: where the model runs; defaults to this process's accelerate device (each rank scores with its own
             copy).
         dtype: ``torch.bfloat16``, ``"bf16"``, ``"auto"`` (bf16 on a GPU that supports it, else fp32) or None (keep).
-        shared_prefix: reuse the KV cache of a (prompt, reference) prefix across its candidates.
-        min_prefix_tokens: shortest shared prefix worth a cached pass; shorter groups are scored plainly.
+        shared_prefix: run a (prompt, reference) prefix once for all its candidates.
+        min_prefix_tokens: shortest common prefix to share; a group with a shorter one runs each item whole.
         show_progress: show a progress bar over micro-batches.
         encode_workers: threads that tokenize in parallel (default: up to 8 CPU cores); 1 tokenizes serially. On a
             GPU, tokenizing the full POLAR sequences is a large part of the scoring time.
@@ -173,11 +173,11 @@ class PolarScorer:
         from .modeling import value_head
 
         self._head = value_head(self.model)
-        self._cache_kwarg = self._find_cache_kwarg() if shared_prefix else None
-        # Packing groups passes an explicit 4D mask, which transformers uses as given for every layer: with sliding
-        # window layers that would widen their window, so such models score one group per batch.
+        self.shared_prefix = shared_prefix
+        # Segment attention implements no sliding window: such models are scored plainly.
         layer_types = getattr(getattr(self.model, "config", None), "layer_types", None) or ()
-        self._can_pack = "sliding_attention" not in layer_types
+        self._can_segment = "sliding_attention" not in layer_types
+        self._segments: bool | None = None  # settled by the first call (`_check_segments`)
         # Engines call from threads (OpenRLHF, the server); one forward at a time keeps memory within the budget.
         self._lock = threading.RLock()
         if encode_workers is None:
@@ -197,20 +197,12 @@ class PolarScorer:
                 return int(value)
         return 0
 
-    def _find_cache_kwarg(self) -> str | None:
-        """The keyword the backbone takes a KV cache by, or None where cache reuse is unsupported."""
-        if self._backbone is None or not isinstance(self._backbone, torch.nn.Module):
-            return None
-        params = inspect.signature(self._backbone.forward).parameters
-        for name in ("cache", "past_key_values"):
-            if name in params and "use_cache" in params:
-                return name
-        logger.info("%s takes no KV cache; scoring without prefix reuse.", type(self._backbone).__name__)
-        return None
-
     @property
-    def supports_prefix_cache(self) -> bool:
-        return self._cache_kwarg is not None
+    def uses_segment_attention(self) -> bool:
+        """Whether rows run unpadded through segment attention (settled by the first scoring call)."""
+        with self._lock:
+            self._check_segments()
+        return bool(self._segments)
 
     def _local_template(self) -> PolarTemplate:
         # Each encoding thread has its own template: the template's part cache is not safe to share across threads.
@@ -308,52 +300,33 @@ class PolarScorer:
             self.last_plan = []  # a plan() that raises must not leave the previous call's plan behind
             try:
                 return self._run(input_ids, group_keys, show_progress)
-            except (TypeError, AttributeError, NotImplementedError, ValueError) as err:
-                if not self.supports_prefix_cache or all(mb.kind == "plain" for mb in self.last_plan):
+            except (TypeError, AttributeError, NotImplementedError, ValueError, RuntimeError) as err:
+                if not self._segments or all(mb.kind == "plain" for mb in self.last_plan):
                     raise
-                # Some cache classes (or remote-code models) cannot be repeated per candidate. Retry this call
-                # plainly; only if that works was the cache the culprit, and only then is it switched off for good
-                # (a bad input fails the plain path too, and must not cost a long-running server its fast path).
-                cache_kwarg, self._cache_kwarg = self._cache_kwarg, None
+                # A model whose layers do not take segment attention everywhere fails here. Retry this call plainly;
+                # only if that works were the segments the culprit, and only then are they switched off for good (a
+                # bad input fails the plain path too, and must not cost a long-running server its fast path).
+                self._segments = False
                 try:
                     scores = self._run(input_ids, group_keys, show_progress)
                 except Exception:
-                    self._cache_kwarg = cache_kwarg
+                    self._segments = True
                     raise
-                logger.warning("Prefix-cache scoring failed (%s: %s); scoring plainly.", type(err).__name__, err)
+                logger.warning("Segment-attention scoring failed (%s: %s); scoring plainly.", type(err).__name__, err)
                 return scores
 
     def _run(self, input_ids, group_keys, show_progress) -> list[float]:
-        n = len(input_ids)
         plan = self.plan(input_ids, group_keys)
         self.last_plan = plan
-        scores: list[float | None] = [None] * n
+        scores: list[float] = [0.0] * len(input_ids)
         progress = self.show_progress if show_progress is None else show_progress
-        bar = _progress_bar(n, progress)
-        prefix_caches: dict[int, tuple[Any, int]] = {}
-        remaining = {}
-        for mb in plan:
-            if mb.kind == "cached":
-                remaining[mb.group] = remaining.get(mb.group, 0) + 1
+        bar = _progress_bar(len(input_ids), progress)
         with torch.inference_mode():
             for mb in plan:
-                rows = [list(input_ids[i]) for i in mb.indices]
-                if mb.kind == "plain":
-                    values = self._forward_plain(rows)
-                elif mb.kind == "packed":
-                    values = self._forward_packed(rows, mb)
+                if mb.kind == "row":
+                    values = self._forward_row(input_ids, mb)
                 else:
-                    if mb.group not in prefix_caches:
-                        prefix_caches[mb.group] = (self._forward_prefix(rows[0][: mb.prefix]), mb.prefix)
-                    cache, _ = prefix_caches[mb.group]
-                    remaining[mb.group] -= 1
-                    # The forward appends to the cache in place: the last chunk of a group may consume the cache,
-                    # earlier chunks work on a copy.
-                    if remaining[mb.group] > 0:
-                        cache = copy.deepcopy(cache)
-                    else:
-                        del prefix_caches[mb.group]
-                    values = self._forward_cached(cache, [r[mb.prefix :] for r in rows])
+                    values = self._forward_plain([list(input_ids[i]) for i in mb.indices])
                 for i, v in zip(mb.indices, values, strict=True):
                     scores[i] = v
                 bar.update(len(mb.indices))
@@ -362,73 +335,98 @@ class PolarScorer:
 
     # ------------------------------------------------------------------------------------------------ planning
     def plan(self, input_ids: Sequence[Sequence[int]], group_keys: Sequence[Any]) -> list[MicroBatch]:
-        """Split the items into micro-batches under the token budget; groups with a long shared prefix get
-        cached micro-batches, the rest are length-sorted plain micro-batches."""
+        """Split the items into micro-batches under the token budget.
+
+        With segment attention every micro-batch is one unpadded row: the candidates of a group share its prefix
+        (a group too large for the budget is split into chunks, each with the prefix), and units are packed into
+        rows largest first. Otherwise items are length-sorted into right-padded plain batches.
+        """
+        with self._lock:
+            self._check_segments()
+        budget = self.max_tokens_per_batch
+        if not self._segments:
+            order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]), reverse=True)
+            return [
+                MicroBatch("plain", tuple(chunk), length)
+                for chunk, length in _pack(order, lambda i: len(input_ids[i]), budget, 0)
+            ]
         groups: dict[Any, list[int]] = {}
         for i, key in enumerate(group_keys):
             groups.setdefault(key, []).append(i)
-        plan: list[MicroBatch] = []
-        plain: list[int] = []
-        budget = self.max_tokens_per_batch
-        cached: list[tuple[int, int, list[int]]] = []
-        for g, members in enumerate(groups.values()):
+        units: list[tuple[int, list[int]]] = []  # (shared prefix length, members)
+        for members in groups.values():
             prefix = 0
-            if self.supports_prefix_cache and len(members) >= 2:
+            if self.shared_prefix and len(members) >= 2:
                 seqs = [input_ids[i] for i in members]
-                # Every candidate keeps at least one token of its own: the reward token is read from the new part.
+                # Every candidate keeps at least one token of its own: the reward token is read from its segment.
                 prefix = min(common_prefix_length(*seqs), min(len(s) for s in seqs) - 1)
             if prefix < self.min_prefix_tokens:
-                plain.extend(members)
+                units.extend((0, [i]) for i in members)
                 continue
-            cached.append((g, prefix, sorted(members, key=lambda i: len(input_ids[i]), reverse=True)))
-        # Groups with similar prefix lengths go together, so that little of a packed batch is prefix padding.
-        cached.sort(key=lambda item: item[1], reverse=True)
-        pack: list[tuple[int, int, list[int]]] = []
+            members = sorted(members, key=lambda i: len(input_ids[i]), reverse=True)
+            for chunk, _ in _pack_row(members, lambda i, p=prefix: len(input_ids[i]) - p, budget - prefix):
+                units.append((prefix, chunk))
 
-        def suffix(item):
-            return len(input_ids[item[2][0]]) - item[1]
+        def cost(unit: tuple[int, list[int]]) -> int:
+            prefix, members = unit
+            return prefix + sum(len(input_ids[i]) - prefix for i in members)
 
-        def cost(items):
-            return sum(len(m) for _, _, m in items) * (max(p for _, p, _ in items) + max(suffix(x) for x in items))
+        units.sort(key=cost, reverse=True)
+        plan: list[MicroBatch] = []
+        row: list[tuple[int, list[int]]] = []
+        tokens = 0
 
-        def flush():
-            if len(pack) == 1:
-                g, prefix, members = pack[0]
-                plan.append(MicroBatch("cached", tuple(members), suffix(pack[0]), prefix, g))
-            elif pack:
+        def flush() -> None:
+            if row:
                 plan.append(
                     MicroBatch(
-                        "packed",
-                        tuple(i for _, _, m in pack for i in m),
-                        max(suffix(x) for x in pack),
-                        max(p for _, p, _ in pack),
-                        prefixes=tuple(p for _, p, m in pack for _ in m),
-                        row_groups=tuple(j for j, (_, _, m) in enumerate(pack) for _ in m),
+                        "row",
+                        tuple(i for _, m in row for i in m),
+                        tokens,
+                        prefixes=tuple(p for p, m in row for _ in m),
+                        units=tuple(u for u, (_, m) in enumerate(row) for _ in m),
                     )
                 )
-            pack.clear()
+            row.clear()
 
-        for item in cached:
-            g, prefix, members = item
-            if cost([item]) > budget:
-                # Too large for one batch: its own chunks, sharing one prefix cache.
-                plan.extend(
-                    MicroBatch("cached", tuple(chunk), length, prefix, g)
-                    for chunk, length in _pack(members, lambda i, p=prefix: len(input_ids[i]) - p, budget, prefix)
-                )
-                continue
-            if pack and (not self._can_pack or cost([*pack, item]) > budget):
+        for unit in units:
+            if row and tokens + cost(unit) > budget:
                 flush()
-            pack.append(item)
+                tokens = 0
+            row.append(unit)
+            tokens += cost(unit)
         flush()
-        plain.sort(key=lambda i: len(input_ids[i]), reverse=True)
-        plan.extend(
-            MicroBatch("plain", tuple(chunk), length)
-            for chunk, length in _pack(plain, lambda i: len(input_ids[i]), budget, 0)
-        )
         return plan
 
     # ------------------------------------------------------------------------------------------------ forwards
+    def _check_segments(self) -> None:
+        """Once per scorer: does this model take segment attention, and does it give the plain forward's values?"""
+        if self._segments is not None:
+            return
+        self._segments = False
+        if self._backbone is None or not self._can_segment:
+            return
+        template = self.template
+        ids = [template.encode("probe prompt", "probe reference", c) for c in ("a", "a longer candidate")]
+        prefix = min(common_prefix_length(*ids), min(len(s) for s in ids) - 1)
+        mb = MicroBatch("row", (0, 1), 0, prefixes=(prefix, prefix), units=(0, 0))
+        try:
+            with torch.inference_mode():
+                got = torch.tensor(self._forward_row(ids, mb))
+                want = torch.tensor(self._forward_plain(ids))
+        except (TypeError, AttributeError, NotImplementedError, ValueError, RuntimeError) as err:
+            logger.info("%s does not take segment attention (%s); scoring plainly.", type(self.model).__name__, err)
+            return
+        if not torch.allclose(got, want, rtol=0.05, atol=0.05 * max(1.0, want.abs().max().item())):
+            logger.warning(
+                "Segment-attention scores of %s differ from its plain forward (%s vs %s); scoring plainly.",
+                type(self.model).__name__,
+                got.tolist(),
+                want.tolist(),
+            )
+            return
+        self._segments = True
+
     def _padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         longest = max(len(r) for r in rows)
         batch = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
@@ -436,11 +434,6 @@ class PolarScorer:
             batch[j, : len(r)] = torch.tensor(r, dtype=torch.long)
         lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
         return batch.to(self.device), lengths.to(self.device)
-
-    def _rewards(self, hidden: torch.Tensor, lengths: torch.Tensor) -> list[float]:
-        # Right padding: the reward token is each row's last REAL position, not position -1.
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
-        return self._head(last).float().squeeze(-1).tolist()
 
     def _forward_plain(self, rows: list[list[int]]) -> list[float]:
         ids, lengths = self._padded(rows)
@@ -451,57 +444,29 @@ class PolarScorer:
             # the reward token, its last-non-pad pooling reads the reward token.
             return self.model(input_ids=ids).logits[:, 0].float().tolist()
         hidden = self._backbone(input_ids=ids, use_cache=False).last_hidden_state
-        return self._rewards(hidden, lengths)
+        # Right padding: the reward token is each row's last REAL position, not position -1.
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
+        return self._head(last).float().squeeze(-1).tolist()
 
-    def _forward_prefix(self, prefix: list[int]) -> Any:
-        ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
-        out = self._backbone(input_ids=ids, use_cache=True)
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        if cache is None:
-            raise RuntimeError(f"{type(self._backbone).__name__} returned no KV cache although use_cache=True.")
-        return cache
-
-    def _forward_packed(self, rows: list[list[int]], mb: MicroBatch) -> list[float]:
-        # One prefix per group, right-padded: causal attention keeps each real prefix token away from the pads.
-        firsts: dict[int, list[int]] = {}
-        for row, group, prefix in zip(rows, mb.row_groups, mb.prefixes, strict=True):
-            firsts.setdefault(group, row[:prefix])
-        prefix_ids, _ = self._padded(list(firsts.values()))
-        out = self._backbone(input_ids=prefix_ids, use_cache=True)
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        cache.batch_select_indices(torch.tensor(mb.row_groups, device=self.device))
-        ids, lengths = self._padded([row[prefix:] for row, prefix in zip(rows, mb.prefixes, strict=True)])
-        prefixes = torch.tensor(mb.prefixes, device=self.device)
-        steps = torch.arange(ids.shape[1], device=self.device)
-        # Each row continues its own prefix: positions from its real prefix length, and a mask that hides the
-        # cache slots past it (another group's longer prefix) and keeps the new tokens causal. An explicit 4D mask
-        # is used as given by every attention implementation; additive floats suit both sdpa and eager.
-        slots = torch.arange(mb.prefix, device=self.device)
-        allowed = torch.cat(
-            [
-                (slots[None, None, :] < prefixes[:, None, None]).expand(-1, ids.shape[1], -1),
-                (steps[None, None, :] <= steps[None, :, None]).expand(len(rows), -1, -1),
-            ],
-            dim=-1,
-        )
-        dtype = self.model.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        out = self._backbone(
-            input_ids=ids,
-            attention_mask=mask[:, None],
-            position_ids=prefixes[:, None] + steps[None, :],
-            use_cache=True,
-            **{self._cache_kwarg: cache},
-        )
-        return self._rewards(out.last_hidden_state, lengths)
-
-    def _forward_cached(self, cache: Any, rows: list[list[int]]) -> list[float]:
-        ids, lengths = self._padded(rows)
-        if len(rows) > 1:
-            cache.batch_repeat_interleave(len(rows))
-        out = self._backbone(input_ids=ids, use_cache=True, **{self._cache_kwarg: cache})
-        return self._rewards(out.last_hidden_state, lengths)
+    def _forward_row(self, input_ids: Sequence[Sequence[int]], mb: MicroBatch) -> list[float]:
+        """One unpadded row: each unit's shared prefix once, then its members' own tokens after it."""
+        row: list[int] = []
+        segments: list[Segment] = []
+        reads: list[int] = []
+        contexts: dict[int, int] = {}
+        for i, prefix, unit in zip(mb.indices, mb.prefixes, mb.units, strict=True):
+            ids = input_ids[i]
+            if prefix and unit not in contexts:
+                contexts[unit] = len(row)
+                segments.append(Segment(len(row), prefix))
+                row.extend(ids[:prefix])
+            segments.append(Segment(len(row), len(ids) - prefix, contexts.get(unit, 0), prefix))
+            row.extend(ids[prefix:])
+            reads.append(len(row) - 1)
+        layout = SegmentLayout(segments, self.device)
+        hidden = segment_forward(self._backbone, torch.tensor(row, dtype=torch.long, device=self.device), layout)
+        last = hidden.index_select(0, torch.tensor(reads, device=self.device))
+        return self._head(last).float().squeeze(-1).tolist()
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -521,6 +486,21 @@ def _pack(
         longest = new_longest
     if chunk:
         yield chunk, longest
+
+
+def _pack_row(order: list[int], length_of: Callable[[int], int], budget: int) -> Iterable[tuple[list[int], int]]:
+    """Greedy chunks of items whose lengths sum to at most ``budget`` (an item longer than it goes alone)."""
+    chunk: list[int] = []
+    total = 0
+    for i in order:
+        length = length_of(i)
+        if chunk and total + length > budget:
+            yield chunk, total
+            chunk, total = [], 0
+        chunk.append(i)
+        total += length
+    if chunk:
+        yield chunk, total
 
 
 def _check_lengths(**lists: Sequence[Any]) -> int:

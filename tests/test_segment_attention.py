@@ -1,0 +1,98 @@
+"""Segment attention: one unpadded row of shared prefixes and their branches gives the full sequences' values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trl_polar import segment_attention
+from trl_polar.segment_attention import Segment, SegmentLayout, segment_forward
+
+
+def _row(prefixes, branches, alone):
+    """Lay out groups (a prefix, then its branches) and lone sequences; return the row, its segments, where each
+    sequence's last token sits, and the full sequences themselves."""
+    row, segments, last, full = [], [], [], []
+    for prefix, group in zip(prefixes, branches, strict=True):
+        start = len(row)
+        segments.append(Segment(start, len(prefix)))
+        row += prefix
+        for branch in group:
+            segments.append(Segment(len(row), len(branch), start, len(prefix)))
+            row += branch
+            last.append(len(row) - 1)
+            full.append(prefix + branch)
+    for seq in alone:
+        segments.append(Segment(len(row), len(seq)))
+        row += seq
+        last.append(len(row) - 1)
+        full.append(seq)
+    return row, segments, last, full
+
+
+def _random_ids(generator, vocab, *lengths):
+    return [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("waste", [1.0, 1.3, 1000.0])  # a bucket per segment, the default, everything in two
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_hidden_states_equal_full_sequences(arch, attn, waste, request, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    monkeypatch.setattr(segment_attention, "MAX_PADDING_WASTE", waste)
+    path = request.getfixturevalue(f"tiny_{arch}_rm_dir")
+    model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation=attn).eval()
+    backbone = model.model
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    # Prefixes of different lengths, branches from 1 token up, and lone sequences: every kind of padding in a bucket.
+    prefixes = _random_ids(g, vocab, 37, 11, 1)
+    branches = [_random_ids(g, vocab, 5, 17, 1, 9), _random_ids(g, vocab, 3, 30), _random_ids(g, vocab, 2, 2)]
+    alone = _random_ids(g, vocab, 12, 1, 7)
+    row, segments, last, full = _row(prefixes, branches, alone)
+    layout = SegmentLayout(segments, torch.device("cpu"))
+    if waste == 1000.0:
+        assert len(layout.buckets) == 2  # one masked bucket of branches, one causal bucket of the rest
+    with torch.inference_mode():
+        hidden = segment_forward(backbone, torch.tensor(row), layout)
+        for position, seq in zip(last, full, strict=True):
+            expected = backbone(input_ids=torch.tensor([seq])).last_hidden_state[0, -1]
+            torch.testing.assert_close(hidden[position], expected, atol=1e-5, rtol=1e-5)
+    # Every token of a prefix also equals the prefix run alone.
+    with torch.inference_mode():
+        alone_prefix = backbone(input_ids=torch.tensor([prefixes[0]])).last_hidden_state[0]
+    torch.testing.assert_close(hidden[: len(prefixes[0])], alone_prefix, atol=1e-5, rtol=1e-5)
+    assert model.config._attn_implementation == attn, "the model's own attention is restored after the forward"
+
+
+def test_gradients_flow_and_match(tiny_qwen2_rm_dir):
+    """Nothing in the layout stops autograd: the row's loss gradients equal those of the full sequences."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_qwen2_rm_dir, attn_implementation="sdpa")
+    backbone = model.model
+    g = torch.Generator().manual_seed(1)
+    vocab = model.config.vocab_size
+    row, segments, last, full = _row([_random_ids(g, vocab, 20)[0]], [_random_ids(g, vocab, 4, 9)], [])
+    layout = SegmentLayout(segments, torch.device("cpu"))
+    segment_forward(backbone, torch.tensor(row), layout)[last].sum().backward()
+    row_grad = backbone.layers[0].self_attn.q_proj.weight.grad.clone()
+    model.zero_grad()
+    sum(backbone(input_ids=torch.tensor([seq])).last_hidden_state[0, -1].sum() for seq in full).backward()
+    torch.testing.assert_close(row_grad, backbone.layers[0].self_attn.q_proj.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_layout_errors_and_positions():
+    with pytest.raises(ValueError, match="at least one segment"):
+        SegmentLayout([], torch.device("cpu"))
+    with pytest.raises(ValueError, match="is empty"):
+        SegmentLayout([Segment(0, 0)], torch.device("cpu"))
+    layout = SegmentLayout([Segment(0, 4), Segment(4, 3, 0, 4), Segment(7, 2)], torch.device("cpu"))
+    assert layout.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 6, 0, 1]]
+
+
+def test_attention_without_layout_says_how_to_call_it():
+    q = torch.zeros(1, 2, 3, 4)
+    with pytest.raises(TypeError, match="segment_layout=SegmentLayout"):
+        segment_attention.segment_attention_forward(torch.nn.Module(), q, q, q, None)

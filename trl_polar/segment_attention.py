@@ -1,0 +1,232 @@
+"""Shared-prefix attention over one flat, unpadded row of segments.
+
+A micro-batch of POLAR items becomes one row: each (prompt, reference) prefix once, then every candidate's own
+tokens, with no padding. Each segment attends to an optional *context* span earlier in the row (its group's prefix)
+and causally to itself; its position ids continue from the context. The projections and MLPs, most of a
+transformer's work, run over the unique tokens only; only attention knows about the sharing, and it computes for
+every token exactly what the full sequence ``context + segment`` would.
+
+Attention is computed per *bucket*: segments of similar shape gathered into one padded batch (queries, and keys and
+values of context + segment), one ``scaled_dot_product_attention`` call per bucket and layer. The gather indices and
+masks are built once per row and reused by every layer.
+
+The model's own layers do the rest: the row goes through the backbone with ``segment_layout=layout``, a keyword
+transformers passes through every layer to the attention function, while `use_segment_attention` points the config
+at this module's attention function for the duration of the forward. transformers builds no mask for an attention
+function it has no mask function for, so no dense mask is ever made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_NAME = "polar_segments"
+# A bucket takes another segment while its padded attention area stays within this factor of the real one: more
+# buckets mean more (smaller) kernel calls, fewer mean more wasted attention on padding.
+MAX_PADDING_WASTE = 1.3
+# Query-key pairs per bucket: bounds its mask and, with the query length, its gathered keys and values.
+MAX_BUCKET_AREA = 1 << 24
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``length`` tokens at ``start`` of the row, attending to ``context_length`` tokens at ``context_start`` first.
+
+    >>> Segment(start=10, length=4, context_start=0, context_length=10).positions()
+    [10, 11, 12, 13]
+    """
+
+    start: int
+    length: int
+    context_start: int = 0
+    context_length: int = 0
+
+    def positions(self) -> list[int]:
+        return list(range(self.context_length, self.context_length + self.length))
+
+    @property
+    def area(self) -> int:
+        """Query-key pairs the segment really needs (its own causal triangle counted whole, as kernels do)."""
+        return self.length * (self.context_length + self.length)
+
+
+@dataclass
+class _Bucket:
+    rows: int
+    q_len: int
+    kv_len: int
+    q_index: torch.Tensor  # [rows * q_len] row positions of the queries (pads point at a real token)
+    kv_index: torch.Tensor  # [rows * kv_len] row positions of context + own keys
+    mask: torch.Tensor | None  # [rows, 1, q_len, kv_len] bool, None for plain causal segments
+    out_src: torch.Tensor  # which padded query slots are real
+    out_rows: torch.Tensor  # their row positions
+
+
+class SegmentLayout:
+    """The attention plan of one row: position ids and the buckets, on ``device``.
+
+    A prefix of 3 tokens and two 2-token candidates after it; the prefix gets a plain causal bucket, the candidates
+    share one masked bucket (keys: the 3 context slots, then their own 2):
+
+    >>> layout = SegmentLayout([Segment(0, 3), Segment(3, 2, 0, 3), Segment(5, 2, 0, 3)], torch.device("cpu"))
+    >>> layout.position_ids.tolist()
+    [[0, 1, 2, 3, 4, 3, 4]]
+    >>> [(b.rows, b.q_len, b.kv_len) for b in layout.buckets]
+    [(1, 3, 3), (2, 2, 5)]
+    """
+
+    def __init__(self, segments: Sequence[Segment], device: torch.device) -> None:
+        if not segments:
+            raise ValueError("A segment layout needs at least one segment.")
+        self.segments = list(segments)
+        self.length = max(s.start + s.length for s in self.segments)
+        positions = [0] * self.length
+        for s in self.segments:
+            if s.length <= 0:
+                raise ValueError(f"Segment {s} is empty; every segment needs at least one token.")
+            positions[s.start : s.start + s.length] = s.positions()
+        self.position_ids = torch.tensor([positions], dtype=torch.long, device=device)
+        chunks = _bucketize(self.segments)
+        self.buckets = [_build_bucket([self.segments[i] for i in chunk], device) for chunk in chunks]
+
+
+def _bucketize(segments: list[Segment]) -> Iterator[list[int]]:
+    """Greedy buckets of similar segments: segments without context apart (they need no mask), longest first."""
+    order = sorted(
+        range(len(segments)),
+        key=lambda i: (segments[i].context_length > 0, -segments[i].length, -segments[i].context_length),
+    )
+    chunk: list[int] = []
+    real = 0
+    q_len = kv_ctx = 0
+    for i in order:
+        s = segments[i]
+        if chunk:
+            same_kind = (s.context_length > 0) == (segments[chunk[0]].context_length > 0)
+            ctx = max(kv_ctx, s.context_length)
+            padded = (len(chunk) + 1) * q_len * (ctx + q_len)
+            if same_kind and padded <= MAX_PADDING_WASTE * (real + s.area) and padded <= MAX_BUCKET_AREA:
+                chunk.append(i)
+                real += s.area
+                kv_ctx = ctx
+                continue
+            yield chunk
+        chunk, real, q_len, kv_ctx = [i], s.area, s.length, s.context_length
+    if chunk:
+        yield chunk
+
+
+def _build_bucket(segments: list[Segment], device: torch.device) -> _Bucket:
+    rows = len(segments)
+    q_len = max(s.length for s in segments)
+    ctx = max(s.context_length for s in segments)
+    kv_len = ctx + q_len
+    starts = torch.tensor([s.start for s in segments])[:, None]
+    lengths = torch.tensor([s.length for s in segments])[:, None]
+    steps = torch.arange(q_len)[None, :]
+    real_q = steps < lengths  # [rows, q_len]
+    q_index = torch.where(real_q, starts + steps, starts)
+    if ctx:
+        ctx_starts = torch.tensor([s.context_start for s in segments])[:, None]
+        ctx_lengths = torch.tensor([s.context_length for s in segments])[:, None]
+        slots = torch.arange(ctx)[None, :]
+        real_ctx = slots < ctx_lengths
+        kv_index = torch.cat([torch.where(real_ctx, ctx_starts + slots, starts), q_index], dim=1)
+        causal = steps[:, :, None] >= steps[:, None, :]  # [1, q_len, q_len]: own key j visible from query i >= j
+        own = causal & real_q[:, None, :]
+        mask = torch.cat([real_ctx[:, None, :].expand(-1, q_len, -1), own], dim=2)[:, None]
+        mask = mask.to(device)
+    else:
+        # Right padding after each segment's real tokens: causal attention keeps the pads out of real queries.
+        kv_index, mask = q_index, None
+    flat_real = real_q.reshape(-1)
+    return _Bucket(
+        rows=rows,
+        q_len=q_len,
+        kv_len=kv_len,
+        q_index=q_index.reshape(-1).to(device),
+        kv_index=kv_index.reshape(-1).to(device),
+        mask=mask,
+        out_src=flat_real.nonzero().squeeze(1).to(device),
+        out_rows=q_index.reshape(-1)[flat_real].to(device),
+    )
+
+
+def segment_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    segment_layout: SegmentLayout | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """A transformers attention function: query/key/value of one row ``[1, heads, T, head_dim]`` and the row's
+    layout (a keyword the model passes through from its forward); returns ``[1, T, heads, head_dim]`` as every
+    transformers attention function does."""
+    layout = segment_layout
+    if not isinstance(layout, SegmentLayout):
+        raise TypeError(f"{ATTENTION_NAME} attention needs `segment_layout=SegmentLayout(...)`, got {layout!r}.")
+    if kwargs.get("sliding_window") is not None:
+        raise ValueError(f"{ATTENTION_NAME} attention does not implement sliding windows; score such models plainly.")
+    heads, head_dim = query.shape[1], query.shape[-1]
+    kv_heads = key.shape[1]
+    q = query[0].transpose(0, 1)  # [T, heads, head_dim]
+    k = key[0].transpose(0, 1)
+    v = value[0].transpose(0, 1)
+    out = torch.empty_like(q)
+    for b in layout.buckets:
+        qb = q.index_select(0, b.q_index).view(b.rows, b.q_len, heads, head_dim).transpose(1, 2)
+        kb = k.index_select(0, b.kv_index).view(b.rows, b.kv_len, kv_heads, head_dim).transpose(1, 2)
+        vb = v.index_select(0, b.kv_index).view(b.rows, b.kv_len, kv_heads, head_dim).transpose(1, 2)
+        ob = F.scaled_dot_product_attention(
+            qb,
+            kb,
+            vb,
+            attn_mask=b.mask,
+            dropout_p=dropout,
+            is_causal=b.mask is None,
+            scale=scaling,
+            enable_gqa=heads != kv_heads,
+        )
+        ob = ob.transpose(1, 2).reshape(b.rows * b.q_len, heads, head_dim)
+        out.index_copy_(0, b.out_rows, ob.index_select(0, b.out_src))
+    return out[None], None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, segment_attention_forward)
+
+
+@contextlib.contextmanager
+def use_segment_attention(config) -> Iterator[None]:
+    """Route the model's attention through `segment_attention_forward` while the block runs.
+
+    The switch is on the config the attention layers read, so the caller must keep other forwards of the same
+    model out of the block (PolarScorer holds its lock).
+    """
+    _register()
+    previous = config._attn_implementation
+    config._attn_implementation = ATTENTION_NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def segment_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:
+    """The backbone's last hidden states ``[T, hidden]`` for one flat row laid out by ``layout``."""
+    with use_segment_attention(backbone.config):
+        out = backbone(
+            input_ids=input_ids[None], position_ids=layout.position_ids, use_cache=False, segment_layout=layout
+        )
+    return out.last_hidden_state[0]
