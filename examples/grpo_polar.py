@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, HfArgumentParser
 
 from trl_polar.data_loading import load_preference_dataset
 from trl_polar.rewards import PolarReward
+from trl_polar.training import finish_run
 
 
 @dataclass
@@ -80,7 +81,7 @@ def main(config_class: type | None = None, trainer_class: type | None = None) ->
     )
     trainer.train()
     trainer.save_model(config.output_dir)
-    trainer.accelerator.end_training()  # a clean process-group teardown, so no rank aborts at exit
+    finish_run(trainer.accelerator)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import sys
 
-from trl_polar.training import parse_train_args, run_training
+from trl_polar.training import finish_run, parse_train_args, run_training
 
 if __name__ == "__main__":
     trainer = run_training(*parse_train_args(sys.argv[1:]))
-    trainer.accelerator.end_training()  # a clean process-group teardown, so no rank aborts at exit
+    finish_run(trainer.accelerator)

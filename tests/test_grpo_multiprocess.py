@@ -28,6 +28,7 @@ SCRIPT = textwrap.dedent(
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     from trl_polar.rewards import PolarReward
+    from trl_polar.training import finish_run
 
     kind, policy_dir, rm_dir, out_dir = sys.argv[1:5]
 
@@ -63,8 +64,7 @@ SCRIPT = textwrap.dedent(
     if trainer.accelerator.is_main_process:
         with open(os.path.join(out_dir, "log_history.json"), "w", encoding="utf-8") as f:
             json.dump(trainer.state.log_history, f)
-    # Tear the process group down before exit: gloo's threads outliving it can abort a rank at shutdown.
-    trainer.accelerator.end_training()
+    finish_run(trainer.accelerator)
     """
 ).replace("@N@", str(N_PROMPTS))
 

@@ -249,7 +249,7 @@ def train(
 
     Multi-process: accelerate launch --config_file CFG -m trl_polar.cli train --config train.yaml
     """
-    from .training import parse_train_args, run_training, train_parser
+    from .training import finish_run, parse_train_args, run_training, train_parser
 
     if any(arg in ("-h", "--help") for arg in ctx.args):
         typer.echo("Usage: trl-polar train [--config train.yaml] [--FIELD VALUE ...]\n")
@@ -258,7 +258,7 @@ def train(
     if config is not None and not config.is_file():
         raise CLIError(f"{config}: no such file.")
     trainer = run_training(*parse_train_args(ctx.args, str(config) if config else None))
-    trainer.accelerator.end_training()  # a clean process-group teardown, so no rank aborts at exit
+    finish_run(trainer.accelerator)
 
 
 @app.command()

@@ -118,3 +118,26 @@ def train_from_config(
     if trainer.is_world_process_zero():
         logger.info("Saved the POLAR reward model to %s", config.output_dir)
     return trainer
+
+
+def finish_run(accelerator: Any) -> None:
+    """The last call of a training script: finish trackers, tear the process group down, and leave.
+
+    A multi-process CPU run (gloo) then exits at once, without interpreter finalization: gloo's worker threads outlive
+    `destroy_process_group` and can abort a rank during finalization ("terminate called without an active
+    exception", SIGABRT) after all its work has succeeded, so that a successful run reports failure. Everything is
+    saved and flushed by then; single-process and GPU (NCCL) runs return normally.
+    """
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    gloo = dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo"
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if gloo:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
