@@ -4,7 +4,8 @@ All methods train the same model on the same POLAR-shaped triples (prompt ~256 t
 32-512) for the same number of steps. Throughput counts real tokens: the full chosen and rejected sequences, as a
 padded batch without its padding would hold them, so every method is credited with the same tokens per row and the
 ratios are ratios of time. The *limit* runs forward+backward+optimizer step over only the unique tokens of each batch
-(no padding, each prefix once) as plain packed rows without a custom mask: no layout can beat it by more than noise.
+(no padding, each prefix once, every segment attending to itself only): no exact layout reaches it, since branches
+must attend to their prefix.
 
     python benchmarks/bench_train.py            # prints a table, then one JSON line
     python benchmarks/bench_train.py --rows 48 --batch 4 --steps 6 --hidden 256 --layers 4
@@ -132,10 +133,12 @@ def run_polar(model_dir, tokenizer, rows, batch, steps, out, batching) -> float:
 def run_limit(model_dir, tokenizer, template, rows, batch, steps) -> tuple[float, float]:
     """Unique tokens only (each prefix once, no padding); returns (seconds, unique tokens per pair).
 
-    Each pair's unique tokens form one plain packed row (segments with restarting positions, no custom mask), run
-    without padding. One row per pair rather than one row per batch: sdpa and eager build a mask over the whole
-    row, so on them a longer packed row costs more than separate rows (flash-attention varlen kernels do not).
+    The batch's unique tokens form one unpadded row in which every segment (a prefix, a branch) attends only to
+    itself, through the same bucketed segment attention shared_prefix uses: every unique token runs once and nothing
+    is masked or padded. What it leaves out, the branches' attention to their prefix, exact training cannot skip.
     """
+    from trl_polar.segment_attention import Segment, SegmentLayout, layout_from_segment_ids, segment_forward
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = _load(model_dir).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -152,22 +155,17 @@ def run_limit(model_dir, tokenizer, template, rows, batch, steps) -> tuple[float
     rng = random.Random(0)
     total, unique = 0.0, []
     for step in range(steps + 1):
-        groups = [collator([example]) for example in rng.sample(encoded, batch)]
+        collated = collator(rng.sample(encoded, batch))
         start = time.perf_counter()
-        for group in groups:
-            segments = group["segment_ids"][0]
-            ids = group["input_ids"][0]
-            starts = torch.ones_like(segments, dtype=torch.bool)
-            starts[1:] = segments[1:] != segments[:-1]
-            seg_start = torch.cummax(torch.where(starts, torch.arange(len(ids)), 0), 0).values
-            positions = torch.arange(len(ids)) - seg_start
-            if step:
-                unique.append(len(ids))
-            hidden = model.model(
-                input_ids=ids[None].to(device), position_ids=positions[None].to(device), use_cache=False
-            ).last_hidden_state
-            rewards = value_head(model)(hidden[0, group["reward_positions"].to(device)])
-            (rewards.sum() / batch).backward()
+        keep, layout = layout_from_segment_ids(collated["segment_ids"], collated["prefix_ids"])
+        alone = SegmentLayout([Segment(s.start, s.length) for s in layout.segments], torch.device(device))
+        new_index = torch.full((collated["input_ids"].numel(),), -1, dtype=torch.long)
+        new_index[keep] = torch.arange(len(keep))
+        reads = new_index[collated["reward_positions"]]
+        if step:
+            unique.append(len(keep) / batch)
+        hidden = segment_forward(model.model, collated["input_ids"].reshape(-1)[keep].to(device), alone)
+        (value_head(model)(hidden[reads.to(device)]).sum() / batch).backward()
         optimizer.step()
         optimizer.zero_grad()
         if device == "cuda":
@@ -226,7 +224,7 @@ def main() -> None:
         seconds[f"polar {batching}"] = run_polar(
             model_dir, tokenizer, rows, opts.batch, opts.steps, os.path.join(work, batching), batching
         )
-    seconds["limit (unique tokens, packed)"], unique_per_row = run_limit(
+    seconds["limit (unique tokens)"], unique_per_row = run_limit(
         model_dir, tokenizer, template, rows, opts.batch, opts.steps
     )
 
@@ -236,7 +234,7 @@ def main() -> None:
         f"{opts.steps} timed steps; {tokens_per_row:.0f} real tokens per pair, {unique_per_row:.0f} unique"
     )
     print(f"{'method':<32}{'s/step':>10}{'real tok/s':>14}{'vs TRL':>9}{'of limit':>10}")
-    trl, limit = seconds["trl RewardTrainer"], seconds["limit (unique tokens, packed)"]
+    trl, limit = seconds["trl RewardTrainer"], seconds["limit (unique tokens)"]
     for name, value in seconds.items():
         rate = tokens_per_row * timed_rows / value
         print(f"{name:<32}{value / opts.steps:>10.3f}{rate:>14.0f}{trl / value:>8.2f}x{limit / value:>10.2f}")

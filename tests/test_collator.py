@@ -8,7 +8,8 @@ import pytest
 import torch
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from trl_polar.collator import PolarDataCollator, shared_prefix_length, shared_prefix_mask
+from trl_polar.collator import PolarDataCollator, shared_prefix_length
+from trl_polar.segment_attention import layout_from_segment_ids
 
 
 def _rows(n=5, seed=0, k=None):
@@ -28,16 +29,22 @@ def _sequences(rows):
     return [r["candidates_ids"] if "candidates_ids" in r else [r["chosen_ids"], r["rejected_ids"]] for r in rows]
 
 
-def _visible_sequence(batch, flat_position, mask=None):
+def _visible_sequence(batch, flat_position):
     """The tokens the reward position attends to, in order: what the model effectively reads for this sequence."""
     width = batch["input_ids"].shape[1]
     row, col = divmod(int(flat_position), width)
-    if mask is None:  # packed: the same segment, up to the position
+    if "prefix_ids" not in batch:  # packed: the same segment, up to the position
         seg = batch["segment_ids"][row]
         keep = (seg == seg[col]) & (torch.arange(width) <= col)
-    else:
-        keep = mask[row, 0, col] == 0
-    return batch["input_ids"][row][keep].tolist(), batch["position_ids"][row][keep].tolist()
+        return batch["input_ids"][row][keep].tolist(), batch["position_ids"][row][keep].tolist()
+    # shared prefix: the segment-attention layout of the real tokens: the segment's context, then itself up to here
+    keep, layout = layout_from_segment_ids(batch["segment_ids"], batch["prefix_ids"])
+    at = keep.tolist().index(int(flat_position))
+    segment = next(s for s in layout.segments if s.start <= at < s.start + s.length)
+    seen = list(range(segment.context_start, segment.context_start + segment.context_length))
+    seen += list(range(segment.start, at + 1))
+    ids = batch["input_ids"].reshape(-1)[keep]
+    return ids[seen].tolist(), layout.position_ids[0, seen].tolist()
 
 
 def test_padded_pairs_are_trls_layout():
@@ -58,15 +65,10 @@ def test_padded_pairs_are_trls_layout():
 def test_every_sequence_is_read_exactly(batching, k, max_row_length):
     rows = _rows(6, seed=1, k=k)
     batch = PolarDataCollator(pad_token_id=0, batching=batching, max_row_length=max_row_length)(rows)
-    mask = (
-        shared_prefix_mask(batch["segment_ids"], batch["prefix_ids"], torch.float32)
-        if batching == "shared_prefix"
-        else None
-    )
     for g, seqs in enumerate(_sequences(rows)):
         for rank, seq in enumerate(seqs):
             slot = batch["candidate_index"][g, rank]
-            ids, positions = _visible_sequence(batch, batch["reward_positions"][slot], mask)
+            ids, positions = _visible_sequence(batch, batch["reward_positions"][slot])
             assert ids == seq and positions == list(range(len(seq)))
         assert (batch["candidate_index"][g, len(seqs) :] == -1).all()
     total = sum(len(s) for seqs in _sequences(rows) for s in seqs)

@@ -229,12 +229,13 @@ def test_pretokenized_rows_must_end_with_the_reward_token(tmp_path, tiny_qwen2_r
         PolarRewardTrainer(model=_load(tiny_qwen2_rm_dir), args=_config(tmp_path), train_dataset=ds)
 
 
-def test_attention_without_4d_masks_falls_back_to_packed(tmp_path, tiny_qwen2_rm_dir):
+def test_only_sliding_window_models_fall_back_to_packed(tmp_path, tiny_qwen2_rm_dir):
     model = _load(tiny_qwen2_rm_dir)
+    # Segment attention replaces whatever attention the model was loaded with, flash kernels included.
     model.config._attn_implementation = "flash_attention_2"
-    assert PolarRewardTrainer._resolve_batching(model, _config(tmp_path)) == "packed"
-    model.config._attn_implementation = "eager"
     assert PolarRewardTrainer._resolve_batching(model, _config(tmp_path)) == "shared_prefix"
+    model.config.layer_types = ["sliding_attention", "full_attention"]
+    assert PolarRewardTrainer._resolve_batching(model, _config(tmp_path)) == "packed"
 
 
 @pytest.mark.parametrize(

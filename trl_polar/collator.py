@@ -12,8 +12,8 @@ produced depends on the layout:
   mask; reward i is read at flat position ``reward_positions[i]`` of the ``(rows, length)`` grid.
 - ``shared_prefix``: per group, ``[prefix, branch_1, ..., branch_k]`` where the prefix is the longest common prefix of
   the group's sequences (every branch keeps at least one token); branch position ids continue from the prefix end.
-  ``segment_ids``/``prefix_ids`` describe which tokens may see which; `shared_prefix_mask` turns them into the 4D
-  additive mask.
+  ``segment_ids``/``prefix_ids`` describe which tokens may see which (-1 marks padding); the trainer runs the real
+  tokens as one unpadded row through segment attention (`trl_polar.segment_attention.layout_from_segment_ids`).
 """
 
 from __future__ import annotations
@@ -53,21 +53,6 @@ def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     2
     """
     return min(common_prefix_length(*sequences), min(len(s) for s in sequences) - 1)
-
-
-def shared_prefix_mask(segment_ids: torch.Tensor, prefix_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The ``(rows, 1, length, length)`` additive mask of a shared-prefix batch.
-
-    Token i sees token j iff j <= i and j is in i's own segment or in i's prefix segment. Additive (0 or the dtype's
-    minimum) rather than boolean, because eager attention adds the mask to the scores: a boolean mask would be
-    silently ignored there.
-    """
-    causal = torch.ones(segment_ids.shape[1], segment_ids.shape[1], dtype=torch.bool, device=segment_ids.device).tril()
-    same = segment_ids[:, None, :] == segment_ids[:, :, None]
-    in_prefix = segment_ids[:, None, :] == prefix_ids[:, :, None]
-    allowed = causal[None] & (same | in_prefix)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 @dataclass

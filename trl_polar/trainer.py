@@ -12,6 +12,7 @@ What changes against `trl.RewardTrainer`:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -24,10 +25,11 @@ from trl import RewardTrainer
 from trl.data_utils import get_dataset_column_names
 from trl.trainer.utils import global_then_local_main_first
 
-from .collator import PAIR_COLUMNS, RANKING_COLUMN, PolarDataCollator, shared_prefix_mask
+from .collator import PAIR_COLUMNS, RANKING_COLUMN, PolarDataCollator
 from .config import PolarConfig
 from .losses import bradley_terry_loss, plackett_luce_loss, ranking_accuracy
 from .modeling import add_polar_tokens, prepare_reward_model, value_head
+from .segment_attention import layout_from_segment_ids, use_segment_attention
 from .template import PolarTemplate
 
 logger = logging.getLogger(__name__)
@@ -181,13 +183,11 @@ class PolarRewardTrainer(RewardTrainer):
 
     @staticmethod
     def _resolve_batching(model: Any, args: PolarConfig) -> str:
-        attention = getattr(model.config, "_attn_implementation", None)
-        if args.batching == "shared_prefix" and attention not in MASK_ATTENTION:
-            # Kernels such as flash-attention take no arbitrary 4D mask but do take packed position ids.
+        layer_types = getattr(model.config, "layer_types", None) or ()
+        if args.batching == "shared_prefix" and "sliding_attention" in layer_types:
             logger.warning(
-                "batching='shared_prefix' needs sdpa or eager attention, the model uses %r: falling back to 'packed' "
-                "(same results, no prefix reuse). Load the model with attn_implementation='sdpa' to share prefixes.",
-                attention,
+                "batching='shared_prefix' runs through segment attention, which has no sliding window, and this model "
+                "has sliding-window layers: falling back to 'packed' (same results, no prefix reuse)."
             )
             return "packed"
         return args.batching
@@ -333,31 +333,38 @@ class PolarRewardTrainer(RewardTrainer):
         if "attention_mask" in batch:  # padded: the model's own last-token pooling, exactly as TRL
             outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             return outputs.logits.squeeze(-1)
-        kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
         unwrapped = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model
+        positions = batch["reward_positions"]
+        attention = contextlib.nullcontext()
         if "prefix_ids" in batch:
-            kwargs["attention_mask"] = shared_prefix_mask(
-                batch["segment_ids"], batch["prefix_ids"], self._compute_dtype(unwrapped, batch["input_ids"].device)
-            )
+            # Shared prefixes: the batch's real tokens as one unpadded row through segment attention, each branch
+            # attending to its prefix and itself (no padding, no dense mask).
+            keep, layout = layout_from_segment_ids(batch["segment_ids"], batch["prefix_ids"])
+            kwargs = {
+                "input_ids": batch["input_ids"].reshape(-1)[keep][None],
+                "position_ids": layout.position_ids,
+                "segment_layout": layout,
+                "use_cache": False,
+            }
+            new_index = torch.full((batch["input_ids"].numel(),), -1, dtype=torch.long, device=keep.device)
+            new_index[keep] = torch.arange(len(keep), device=keep.device)
+            positions = new_index[positions]
+            attention = use_segment_attention(unwrapped.config)
+        else:
+            kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
         # Sequence-classification pooling reads only each row's last token, so the per-token rewards are taken from
         # the value head as it runs. The forward still goes through `model` (not model.model + head): DDP, DeepSpeed
         # and FSDP synchronise gradients and gather sharded weights only in the wrapper's forward.
         captured: list[torch.Tensor] = []
         handle = value_head(unwrapped).register_forward_hook(lambda module, inputs, output: captured.append(output))
         try:
-            model(**kwargs)
+            with attention:
+                model(**kwargs)
         finally:
             handle.remove()
         if len(captured) != 1:
             raise RuntimeError(f"Expected the value head to run once per forward, it ran {len(captured)} times.")
-        return captured[0].reshape(-1)[batch["reward_positions"]]
-
-    @staticmethod
-    def _compute_dtype(model: Any, device: torch.device) -> torch.dtype:
-        # The additive mask must match the attention scores' dtype (sdpa rejects a float mask of another dtype).
-        if torch.is_autocast_enabled(device.type):
-            return torch.get_autocast_dtype(device.type)
-        return getattr(model, "dtype", torch.float32)
+        return captured[0].reshape(-1)[positions]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
