@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--max-completion", type=int, default=512)
     p.add_argument("--budget", type=int, default=32768, help="PolarScorer max_tokens_per_batch")
     p.add_argument("--naive-batch", type=int, default=16, help="sequences per naive / TRL forward")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (each runs every method once)")
     p.add_argument("--memory-completions", type=int, default=1024)
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--device", default="cpu")
@@ -197,18 +197,23 @@ def unique_token_count(ids, keys):
     return total
 
 
-def timed(fn, repeats):
-    fn()  # warm-up: allocator, kernels, tokenizer caches
-    best = float("inf")
+def timed(fns, repeats):
+    """Best time and last result of each function. Every round runs all of them in turn, so that a slow spell of the
+    machine hits every method alike instead of whichever ran during it."""
+    for fn in fns.values():
+        fn()  # warm-up: allocator, kernels, tokenizer caches
+    best = dict.fromkeys(fns, float("inf"))
+    results = {}
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        for name, fn in fns.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            results[name] = fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best, results
 
 
 # ------------------------------------------------------------------------------------------------------- memory
@@ -293,18 +298,24 @@ def main(argv=None):
             f"(mean sequence {total_tokens / n:.0f}; {unique_tokens} unique); torch threads {torch.get_num_threads()}",
             flush=True,
         )
-        t_naive, s_naive = timed(
-            lambda: naive(scorer, prompts, references, candidates, args.naive_batch), args.repeats
-        )
-        t_trl, _ = timed(lambda: trl_path(scorer, prompts, candidates, args.naive_batch), args.repeats)
-        t_polar, s_polar = timed(lambda: scorer.score(prompts, references, candidates), args.repeats)
-        t_limit, _ = timed(lambda: limit(scorer, prompts, references, candidates), args.repeats)
         keys = list(zip(prompts, references, strict=True))
-        t_encode, _ = timed(lambda: scorer.encode(prompts, references, candidates), args.repeats)
-        f_naive, _ = timed(lambda: naive_forward(scorer, ids, args.naive_batch), args.repeats)
-        f_polar, _ = timed(lambda: scorer.score_ids(ids, keys), args.repeats)
-        f_limit, _ = timed(lambda: limit_forward(scorer, ids, keys), args.repeats)
-        f_one, _ = timed(lambda: one_sequence_forward(scorer, ids, keys, args.budget), args.repeats)
+        times, results = timed(
+            {
+                "naive": lambda: naive(scorer, prompts, references, candidates, args.naive_batch),
+                "trl": lambda: trl_path(scorer, prompts, candidates, args.naive_batch),
+                "polar": lambda: scorer.score(prompts, references, candidates),
+                "limit": lambda: limit(scorer, prompts, references, candidates),
+                "encode": lambda: scorer.encode(prompts, references, candidates),
+                "f_naive": lambda: naive_forward(scorer, ids, args.naive_batch),
+                "f_polar": lambda: scorer.score_ids(ids, keys),
+                "f_limit": lambda: limit_forward(scorer, ids, keys),
+                "f_one": lambda: one_sequence_forward(scorer, ids, keys, args.budget),
+            },
+            args.repeats,
+        )
+        t_naive, t_trl, t_polar, t_limit, t_encode = (times[k] for k in ("naive", "trl", "polar", "limit", "encode"))
+        f_naive, f_polar, f_limit, f_one = (times[k] for k in ("f_naive", "f_polar", "f_limit", "f_one"))
+        s_naive, s_polar = results["naive"], results["polar"]
         max_diff = max(abs(a - b) for a, b in zip(s_naive, s_polar, strict=True))
         rows = [
             ("naive", t_naive, f_naive),

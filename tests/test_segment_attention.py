@@ -34,13 +34,22 @@ def _random_ids(generator, vocab, *lengths):
     return [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("waste", [1.0, 1.3, 1000.0])  # a bucket per segment, the default, everything in two
+@pytest.mark.parametrize(
+    ("path", "waste"),
+    [("buckets", 1.0), ("buckets", 1.3), ("buckets", 1000.0), ("split", 1.3), ("split", 1000.0)],
+)  # waste: a bucket per segment, the default, everything in two
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_hidden_states_equal_full_sequences(arch, attn, waste, request, monkeypatch):
+def test_hidden_states_equal_full_sequences(arch, attn, path, waste, request, monkeypatch):
     from transformers import AutoModelForSequenceClassification
 
     monkeypatch.setattr(segment_attention, "MAX_PADDING_WASTE", waste)
+    # Inference on CPU takes the log-sum-exp split; the bucketed path is what training and other devices take.
+    calls = []
+    can_split = segment_attention._can_split
+    monkeypatch.setattr(
+        segment_attention, "_can_split", lambda *t: calls.append(path) or (path == "split" and can_split(*t))
+    )
     path = request.getfixturevalue(f"tiny_{arch}_rm_dir")
     model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation=attn).eval()
     backbone = model.model
@@ -54,6 +63,7 @@ def test_hidden_states_equal_full_sequences(arch, attn, waste, request, monkeypa
     layout = SegmentLayout(segments, torch.device("cpu"))
     if waste == 1000.0:
         assert len(layout.buckets) == 2  # one masked bucket of branches, one causal bucket of the rest
+    assert layout.split is not None and len(layout.split[1]) == 3  # one context span per prefix
     with torch.inference_mode():
         hidden = segment_forward(backbone, torch.tensor(row), layout)
         for position, seq in zip(last, full, strict=True):
@@ -64,6 +74,25 @@ def test_hidden_states_equal_full_sequences(arch, attn, waste, request, monkeypa
         alone_prefix = backbone(input_ids=torch.tensor([prefixes[0]])).last_hidden_state[0]
     torch.testing.assert_close(hidden[: len(prefixes[0])], alone_prefix, atol=1e-5, rtol=1e-5)
     assert model.config._attn_implementation == attn, "the model's own attention is restored after the forward"
+    assert len(calls) == model.config.num_hidden_layers
+
+
+def test_interleaved_branches_take_the_bucketed_path(tiny_qwen2_rm_dir):
+    """Branches of two prefixes interleaved in the row: no contiguous run per context, so no split; still exact."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_qwen2_rm_dir).eval()
+    g = torch.Generator().manual_seed(2)
+    p1, p2, a, b, c = _random_ids(g, model.config.vocab_size, 9, 6, 4, 3, 5)
+    row = p1 + p2 + a + b + c
+    segments = [Segment(0, 9), Segment(9, 6), Segment(15, 4, 0, 9), Segment(19, 3, 9, 6), Segment(22, 5, 0, 9)]
+    layout = SegmentLayout(segments, torch.device("cpu"))
+    assert layout.split is None
+    with torch.inference_mode():
+        hidden = segment_forward(model.model, torch.tensor(row), layout)
+        for position, seq in ((18, p1 + a), (21, p2 + b), (26, p1 + c)):
+            expected = model.model(input_ids=torch.tensor([seq])).last_hidden_state[0, -1]
+            torch.testing.assert_close(hidden[position], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_gradients_flow_and_match(tiny_qwen2_rm_dir):

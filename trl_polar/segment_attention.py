@@ -7,8 +7,11 @@ transformer's work, run over the unique tokens only; only attention knows about 
 every token exactly what the full sequence ``context + segment`` would.
 
 Attention is computed per *bucket*: segments of similar shape gathered into one padded batch (queries, and keys and
-values of context + segment), one ``scaled_dot_product_attention`` call per bucket and layer. The gather indices and
-masks are built once per row and reused by every layer.
+values of context + segment), one ``scaled_dot_product_attention`` call per bucket and layer, with a mask for the
+context slots. The gather indices and masks are built once per row and reused by every layer. Inference on CPU
+takes an exact shortcut (`SegmentLayout.split`): each segment causally over itself, plus one unmasked call per
+context for all the tokens that read it, merged by their log-sum-exps; the prefix's keys are read in place instead
+of being copied per candidate.
 
 The model's own layers do the rest: the row goes through the backbone with ``segment_layout=layout``, a keyword
 transformers passes through every layer to the attention function, while `use_segment_attention` points the config
@@ -19,6 +22,7 @@ function it has no mask function for, so no dense mask is ever made.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -91,8 +95,32 @@ class SegmentLayout:
                 raise ValueError(f"Segment {s} is empty; every segment needs at least one token.")
             positions[s.start : s.start + s.length] = s.positions()
         self.position_ids = torch.tensor([positions], dtype=torch.long, device=device)
+        self.device = device
+
+    @functools.cached_property
+    def buckets(self) -> list[_Bucket]:
+        """Each segment's attention to its context and itself, bucketed (context slots masked per row)."""
         chunks = _bucketize(self.segments)
-        self.buckets = [_build_bucket([self.segments[i] for i in chunk], device) for chunk in chunks]
+        return [_build_bucket([self.segments[i] for i in chunk], self.device) for chunk in chunks]
+
+    @functools.cached_property
+    def split(self) -> tuple[list[_Bucket], list[tuple[int, int, int, int]]] | None:
+        """The same attention in two parts merged by log-sum-exp: every segment causally over itself (mask-free
+        buckets), and per context one unmasked call of all the tokens that attend to it, which must then be one
+        contiguous run ``(context_start, context_end, run_start, run_end)``. None where they are not."""
+        runs: dict[tuple[int, int], list[Segment]] = {}
+        for s in self.segments:
+            if s.context_length:
+                runs.setdefault((s.context_start, s.context_length), []).append(s)
+        spans = []
+        for (start, length), members in runs.items():
+            members.sort(key=lambda s: s.start)
+            first, last = members[0].start, members[-1].start + members[-1].length
+            if sum(s.length for s in members) != last - first:
+                return None
+            spans.append((start, start + length, first, last))
+        alone = [Segment(s.start, s.length) for s in self.segments]
+        return [_build_bucket([alone[i] for i in chunk], self.device) for chunk in _bucketize(alone)], spans
 
 
 def _bucketize(segments: list[Segment]) -> Iterator[list[int]]:
@@ -181,6 +209,8 @@ def segment_attention_forward(
     q = query[0].transpose(0, 1)  # [T, heads, head_dim]
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
+    if _can_split(query, key, value) and layout.split is not None:
+        return _split_attention(layout, q, k, v, scaling)[None], None
     out = torch.empty_like(q)
     for b in layout.buckets:
         qb = q.index_select(0, b.q_index).view(b.rows, b.q_len, heads, head_dim).transpose(1, 2)
@@ -199,6 +229,50 @@ def segment_attention_forward(
         ob = ob.transpose(1, 2).reshape(b.rows * b.q_len, heads, head_dim)
         out.index_copy_(0, b.out_rows, ob.index_select(0, b.out_src))
     return out[None], None
+
+
+def _can_split(*tensors: torch.Tensor) -> bool:
+    # The CPU flash kernel returns the log-sum-exp the merge needs; it has no gradient for it, so training (and
+    # devices whose kernels were not checked here) take the bucketed path.
+    return all(t.device.type == "cpu" and not t.requires_grad for t in tensors)
+
+
+def _split_attention(
+    layout: SegmentLayout, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
+    """Attention of ``[T, heads, head_dim]`` queries as (self part) + (context part), merged exactly by their
+    log-sum-exps. The context part reads the prefix's keys in place, with no per-candidate copy, padding or mask."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    heads, head_dim = q.shape[1], q.shape[2]
+    kv_heads = k.shape[1]
+    rep = heads // kv_heads
+    buckets, spans = layout.split
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    for b in buckets:
+        qb = q.index_select(0, b.q_index).view(b.rows, b.q_len, heads, head_dim).transpose(1, 2)
+        kb = k.index_select(0, b.kv_index).view(b.rows, b.kv_len, kv_heads, head_dim).transpose(1, 2)
+        vb = v.index_select(0, b.kv_index).view(b.rows, b.kv_len, kv_heads, head_dim).transpose(1, 2)
+        if rep > 1:
+            kb, vb = kb.repeat_interleave(rep, dim=1), vb.repeat_interleave(rep, dim=1)
+        ob, lb = flash(qb, kb, vb, is_causal=True, scale=scaling)
+        out.index_copy_(0, b.out_rows, ob.transpose(1, 2).reshape(-1, heads, head_dim).index_select(0, b.out_src))
+        lse.index_copy_(0, b.out_rows, lb.transpose(1, 2).reshape(-1, heads).float().index_select(0, b.out_src))
+    for context_start, context_end, start, end in spans:
+        n = end - start
+        # Grouped-query heads fold into extra query rows of their shared key/value head (no repeat of the keys).
+        qf = q[start:end].reshape(n, kv_heads, rep, head_dim).permute(1, 2, 0, 3).reshape(1, kv_heads, rep * n, -1)
+        kc = k[context_start:context_end].transpose(0, 1)[None]
+        vc = v[context_start:context_end].transpose(0, 1)[None]
+        oc, lc = flash(qf, kc, vc, scale=scaling)
+        oc = oc[0].reshape(kv_heads, rep, n, head_dim).permute(2, 0, 1, 3).reshape(n, heads, head_dim)
+        lc = lc[0].reshape(kv_heads, rep, n).permute(2, 0, 1).reshape(n, heads).float()
+        own, own_lse = out[start:end], lse[start:end]
+        top = torch.maximum(own_lse, lc)
+        w_own, w_ctx = (own_lse - top).exp(), (lc - top).exp()
+        merged = (own.float() * w_own[..., None] + oc.float() * w_ctx[..., None]) / (w_own + w_ctx)[..., None]
+        out[start:end] = merged.to(out.dtype)
+    return out
 
 
 def _register() -> None:
