@@ -88,8 +88,8 @@ class PolarConfig(RewardConfig):
             "help": "How a batch is laid out. 'padded': TRL's layout, one padded row per sequence. 'packed': all "
             "sequences concatenated into rows without padding, position ids restarting per sequence. "
             "'shared_prefix': the prompt/reference prefix common to a row's candidates is computed once and each "
-            "candidate attends to it through a 4D mask (needs sdpa or eager attention; other attention "
-            "implementations fall back to 'packed'). All three give the same loss and gradients.",
+            "candidate attends to it through segment attention (the batch's real tokens as one unpadded row; "
+            "models with sliding-window layers fall back to 'packed'). All three give the same loss and gradients.",
             "choices": list(BATCHING_MODES),
         },
     )

@@ -41,6 +41,8 @@ MAX_BUCKET_AREA = 1 << 24
 class Segment:
     """``length`` tokens at ``start`` of the row, attending to ``context_length`` tokens at ``context_start`` first.
 
+    Example:
+
     >>> Segment(start=10, length=4, context_start=0, context_length=10).positions()
     [10, 11, 12, 13]
     """
@@ -74,14 +76,17 @@ class _Bucket:
 class SegmentLayout:
     """The attention plan of one row: position ids and the buckets, on ``device``.
 
-    A prefix of 3 tokens and two 2-token candidates after it; the prefix gets a plain causal bucket, the candidates
-    share one masked bucket (keys: the 3 context slots, then their own 2):
+    A prefix of 3 tokens and two 2-token candidates after it: the prefix gets a plain causal bucket, the candidates
+    share one masked bucket (keys: the 3 context slots, then their own 2).
+
+    Example:
 
     >>> layout = SegmentLayout([Segment(0, 3), Segment(3, 2, 0, 3), Segment(5, 2, 0, 3)], torch.device("cpu"))
     >>> layout.position_ids.tolist()
     [[0, 1, 2, 3, 4, 3, 4]]
-    >>> [(b.rows, b.q_len, b.kv_len) for b in layout.buckets]
-    [(1, 3, 3), (2, 2, 5)]
+    >>> causal, masked = layout.buckets
+    >>> (causal.rows, causal.kv_len), (masked.rows, masked.kv_len)
+    ((1, 3), (2, 5))
     """
 
     def __init__(self, segments: Sequence[Segment], device: torch.device) -> None:
@@ -311,6 +316,8 @@ def layout_from_segment_ids(segment_ids: torch.Tensor, prefix_ids: torch.Tensor)
 
     ``segment_ids`` gives each token's segment (-1 for padding), ``prefix_ids`` the segment it also attends to (its
     own for a prefix or a sequence alone). Every segment is one contiguous run of tokens.
+
+    Example:
 
     >>> seg = torch.tensor([[0, 0, 0, 1, 1, 2, -1]])
     >>> keep, layout = layout_from_segment_ids(seg, torch.tensor([[0, 0, 0, 0, 0, 0, -1]]))

@@ -34,7 +34,7 @@ from .template import PolarTemplate
 
 logger = logging.getLogger(__name__)
 
-# Attention implementations that accept the shared-prefix 4D additive mask.
+# Attention implementations that build a dense mask for packed rows (so that one group per row is cheapest).
 MASK_ATTENTION = ("sdpa", "eager")
 # Bits of the `truncated` column: which parts of a row the template cut.
 _TRUNCATED_BITS = {"prompt": 1, "reference": 2, "candidate": 4}
