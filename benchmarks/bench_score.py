@@ -148,16 +148,9 @@ def limit_forward(scorer, ids, keys):
 
     with torch.inference_mode():
         for mb in scorer.plan(ids, keys):
-            row, segments, seen = [], [], set()
-            for i, prefix, unit in zip(mb.indices, mb.prefixes, mb.units, strict=True):
-                if prefix and unit not in seen:
-                    seen.add(unit)
-                    segments.append(Segment(len(row), prefix))
-                    row.extend(ids[i][:prefix])
-                segments.append(Segment(len(row), len(ids[i]) - prefix))
-                row.extend(ids[i][prefix:])
-            layout = SegmentLayout(segments, scorer.device)
-            segment_forward(scorer._backbone, torch.tensor(row, device=scorer.device), layout)
+            row, segments, _ = scorer.row_segments(ids, mb)
+            alone = SegmentLayout([Segment(s.start, s.length) for s in segments], scorer.device)
+            segment_forward(scorer._backbone, torch.tensor(row, device=scorer.device), alone)
 
 
 def one_sequence_forward(scorer, ids, keys, budget):

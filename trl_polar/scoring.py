@@ -448,8 +448,10 @@ class PolarScorer:
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
         return self._head(last).float().squeeze(-1).tolist()
 
-    def _forward_row(self, input_ids: Sequence[Sequence[int]], mb: MicroBatch) -> list[float]:
-        """One unpadded row: each unit's shared prefix once, then its members' own tokens after it."""
+    @staticmethod
+    def row_segments(input_ids: Sequence[Sequence[int]], mb: MicroBatch) -> tuple[list[int], list[Segment], list[int]]:
+        """A "row" micro-batch laid out: its token ids (each unit's shared prefix once, then its members' own
+        tokens), their segments, and where each item's reward token sits."""
         row: list[int] = []
         segments: list[Segment] = []
         reads: list[int] = []
@@ -463,6 +465,10 @@ class PolarScorer:
             segments.append(Segment(len(row), len(ids) - prefix, contexts.get(unit, 0), prefix))
             row.extend(ids[prefix:])
             reads.append(len(row) - 1)
+        return row, segments, reads
+
+    def _forward_row(self, input_ids: Sequence[Sequence[int]], mb: MicroBatch) -> list[float]:
+        row, segments, reads = self.row_segments(input_ids, mb)
         layout = SegmentLayout(segments, self.device)
         hidden = segment_forward(self._backbone, torch.tensor(row, dtype=torch.long, device=self.device), layout)
         last = hidden.index_select(0, torch.tensor(reads, device=self.device))
