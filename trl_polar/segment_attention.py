@@ -272,11 +272,12 @@ def _split_attention(
         oc, lc = flash(qf, kc, vc, scale=scaling)
         oc = oc[0].reshape(kv_heads, rep, n, head_dim).permute(2, 0, 1, 3).reshape(n, heads, head_dim)
         lc = lc[0].reshape(kv_heads, rep, n).permute(2, 0, 1).reshape(n, heads).float()
-        own, own_lse = out[start:end], lse[start:end]
-        top = torch.maximum(own_lse, lc)
-        w_own, w_ctx = (own_lse - top).exp(), (lc - top).exp()
-        merged = (own.float() * w_own[..., None] + oc.float() * w_ctx[..., None]) / (w_own + w_ctx)[..., None]
-        out[start:end] = merged.to(out.dtype)
+        # softmax over both parts = own + (context - own) * share of the context's mass, share = sigmoid(lse gap).
+        share = torch.sigmoid(lc - lse[start:end])[..., None]
+        if out.dtype == torch.float32:
+            out[start:end].lerp_(oc, share)
+        else:
+            out[start:end] = out[start:end].float().lerp_(oc.float(), share).to(out.dtype)
     return out
 
 
