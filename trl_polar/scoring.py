@@ -300,6 +300,8 @@ class PolarScorer:
             self.last_plan = []  # a plan() that raises must not leave the previous call's plan behind
             try:
                 return self._run(input_ids, group_keys, show_progress)
+            except torch.OutOfMemoryError:
+                raise  # plain batches need more memory, not less: lower max_tokens_per_batch instead
             except (TypeError, AttributeError, NotImplementedError, ValueError, RuntimeError) as err:
                 if not self._segments or all(mb.kind == "plain" for mb in self.last_plan):
                     raise
