@@ -350,7 +350,7 @@ class PolarScorer:
             order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]), reverse=True)
             return [
                 MicroBatch("plain", tuple(chunk), length)
-                for chunk, length in _pack(order, lambda i: len(input_ids[i]), budget, 0)
+                for chunk, length in _pack_padded(order, lambda i: len(input_ids[i]), budget)
             ]
         groups: dict[Any, list[int]] = {}
         for i, key in enumerate(group_keys):
@@ -366,7 +366,7 @@ class PolarScorer:
                 units.extend((0, [i]) for i in members)
                 continue
             members = sorted(members, key=lambda i: len(input_ids[i]), reverse=True)
-            for chunk, _ in _pack_row(members, lambda i, p=prefix: len(input_ids[i]) - p, budget - prefix):
+            for chunk, _ in _pack_summed(members, lambda i, p=prefix: len(input_ids[i]) - p, budget - prefix):
                 units.append((prefix, chunk))
 
         def cost(unit: tuple[int, list[int]]) -> int:
@@ -374,30 +374,18 @@ class PolarScorer:
             return prefix + sum(len(input_ids[i]) - prefix for i in members)
 
         units.sort(key=cost, reverse=True)
-        plan: list[MicroBatch] = []
-        row: list[tuple[int, list[int]]] = []
-        tokens = 0
-
-        def flush() -> None:
-            if row:
-                plan.append(
-                    MicroBatch(
-                        "row",
-                        tuple(i for _, m in row for i in m),
-                        tokens,
-                        prefixes=tuple(p for p, m in row for _ in m),
-                        units=tuple(u for u, (_, m) in enumerate(row) for _ in m),
-                    )
+        plan = []
+        for chosen, tokens in _pack_summed(list(range(len(units))), lambda u: cost(units[u]), budget):
+            row = [units[u] for u in chosen]
+            plan.append(
+                MicroBatch(
+                    "row",
+                    tuple(i for _, m in row for i in m),
+                    tokens,
+                    prefixes=tuple(p for p, m in row for _ in m),
+                    units=tuple(u for u, (_, m) in enumerate(row) for _ in m),
                 )
-            row.clear()
-
-        for unit in units:
-            if row and tokens + cost(unit) > budget:
-                flush()
-                tokens = 0
-            row.append(unit)
-            tokens += cost(unit)
-        flush()
+            )
         return plan
 
     # ------------------------------------------------------------------------------------------------ forwards
@@ -478,16 +466,14 @@ class PolarScorer:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _pack(
-    order: list[int], length_of: Callable[[int], int], budget: int, prefix: int
-) -> Iterable[tuple[list[int], int]]:
-    """Greedy packing of length-sorted items (longest first): rows x (prefix + padded length) <= budget."""
+def _pack_padded(order: list[int], length_of: Callable[[int], int], budget: int) -> Iterable[tuple[list[int], int]]:
+    """Greedy padded batches of length-sorted items (longest first): rows x padded length <= budget."""
     chunk: list[int] = []
     longest = 0
     for i in order:
         length = length_of(i)
         new_longest = max(longest, length)
-        if chunk and (len(chunk) + 1) * (prefix + new_longest) > budget:
+        if chunk and (len(chunk) + 1) * new_longest > budget:
             yield chunk, longest
             chunk, new_longest = [], length
         chunk.append(i)
@@ -496,7 +482,7 @@ def _pack(
         yield chunk, longest
 
 
-def _pack_row(order: list[int], length_of: Callable[[int], int], budget: int) -> Iterable[tuple[list[int], int]]:
+def _pack_summed(order: list[int], length_of: Callable[[int], int], budget: int) -> Iterable[tuple[list[int], int]]:
     """Greedy chunks of items whose lengths sum to at most ``budget`` (an item longer than it goes alone)."""
     chunk: list[int] = []
     total = 0

@@ -946,7 +946,7 @@ def serve_command(
         float, typer.Option(help="How long a batch waits for more requests after its first.")
     ] = DEFAULT_BATCH_WINDOW_MS,
     max_tokens_per_batch: Annotated[
-        int | None, typer.Option(help="PolarScorer micro-batch budget (key/value positions per forward).")
+        int | None, typer.Option(help="PolarScorer micro-batch budget (tokens per forward, shared prefix once).")
     ] = None,
     device: Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu (default: cuda if available).")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, bf16, fp16 or fp32 (default: as stored).")] = None,
