@@ -6,7 +6,7 @@ references). Every GRPOConfig field is a flag. Two GPUs (each rank keeps its own
     accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml examples/grpo_polar.py \\
         --model_name_or_path Qwen/Qwen2.5-1.5B-Instruct --reward_model path/to/polar-rm \\
         --dataset rl_prompts.jsonl --output_dir grpo-polar --per_device_train_batch_size 8 \\
-        --num_generations 8 --max_completion_length 512 --learning_rate 1e-6 --bf16
+        --num_generations 8 --max_completion_length 512 --learning_rate 1e-6 --bf16 true
 
 On CPU add ``--use_cpu`` (and launch with ``--multi_gpu --num_processes 2``, not ``--cpu``, to get 2 ranks).
 """

@@ -2,7 +2,7 @@
 
     accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml examples/rloo_polar.py \\
         --model_name_or_path Qwen/Qwen2.5-1.5B-Instruct --reward_model path/to/polar-rm \\
-        --dataset rl_prompts.jsonl --output_dir rloo-polar --num_generations 4 --bf16
+        --dataset rl_prompts.jsonl --output_dir rloo-polar --num_generations 4 --bf16 true
 
 RLOO's leave-one-out baseline is computed from the raw rewards, so POLAR's negative offset cancels out.
 """

@@ -211,9 +211,7 @@ def segment_attention_forward(
         raise ValueError(f"{ATTENTION_NAME} attention does not implement sliding windows; score such models plainly.")
     heads, head_dim = query.shape[1], query.shape[-1]
     kv_heads = key.shape[1]
-    q = query[0].transpose(0, 1)  # [T, heads, head_dim]
-    k = key[0].transpose(0, 1)
-    v = value[0].transpose(0, 1)
+    q, k, v = (t[0].transpose(0, 1) for t in _autocast(query, key, value))  # [T, heads, head_dim]
     if _can_split(query, key, value) and layout.split is not None:
         return _split_attention(layout, q, k, v, scaling)[None], None
     out = torch.empty_like(q)
@@ -234,6 +232,16 @@ def segment_attention_forward(
         ob = ob.transpose(1, 2).reshape(b.rows * b.q_len, heads, head_dim)
         out.index_copy_(0, b.out_rows, ob.index_select(0, b.out_src))
     return out[None], None
+
+
+def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # Under autocast, rotary embeddings leave queries and keys in float32 beside bfloat16 values; sdpa's autocast
+    # rule casts all three to the autocast dtype, and the gathers, copies and the CPU kernel here need them equal.
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def _can_split(*tensors: torch.Tensor) -> bool:

@@ -366,6 +366,16 @@ class PolarRewardTrainer(RewardTrainer):
             raise RuntimeError(f"Expected the value head to run once per forward, it ran {len(captured)} times.")
         return captured[0].reshape(-1)[positions]
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # Gradient checkpointing recomputes each layer's forward during the backward, after `sequence_rewards` has
+        # left its attention switch: the switch must hold across the backward too, or the recomputation runs another
+        # attention function and torch's checkpoint refuses the mismatch.
+        attention = contextlib.nullcontext()
+        if "prefix_ids" in inputs:
+            attention = use_segment_attention(self.accelerator.unwrap_model(model).config)
+        with attention:
+            return super().training_step(model, inputs, num_items_in_batch)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         inputs = dict(inputs)
