@@ -98,6 +98,25 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+class EncodeError(ValueError):
+    """An item the template cannot build; ``index`` is its position in the call (0-based)."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(f"Item {index}: {message}")
+        self.index = index
+        self.reason = message
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """What `PolarScorer.encode_items` returns: ids per item, the keys of items that may share a prefix, and how
+    many items the template truncated."""
+
+    input_ids: list[list[int]]
+    group_keys: list[tuple]
+    truncated: int
+
+
 class PolarScorer:
     """Batched, token-budgeted, shared-prefix scoring with a local POLAR reward model.
 
@@ -224,37 +243,60 @@ class PolarScorer:
         self, prompts: Sequence[Text], references: Sequence[Text], candidates: Sequence[Text], wrapper="sft"
     ) -> list[list[int]]:
         """The model input ids of every triple, through the one template."""
+        return self.encode_items(prompts, references, candidates, wrapper).input_ids
+
+    def encode_items(
+        self,
+        prompts: Sequence[Text],
+        references: Sequence[Text],
+        candidates: Sequence[Text],
+        wrapper: str | Sequence[str] = "sft",
+        *,
+        template: PolarTemplate | None = None,
+    ) -> Encoded:
+        """Ids, prefix-group keys and the truncated count of every triple: the one encode path of the scorer, the
+        server and the client-side checks.
+
+        ``template`` replaces the scorer's own for this call (a server's per-request limits); it is used from the
+        calling thread only, so it needs no per-thread copy. A bad item raises `EncodeError` with its index.
+        """
         n = _check_lengths(prompts=prompts, references=references, candidates=candidates)
         wrappers = [wrapper] * n if isinstance(wrapper, str) else list(wrapper)
         if len(wrappers) != n:
             raise ValueError(f"`wrapper` has {len(wrappers)} entries but there are {n} items; pass one per item.")
+        parallel = template is None and self.encode_workers > 1 and n >= _PARALLEL_ENCODE_MIN_ITEMS
 
         def build(i: int):
             try:
-                return self._local_template().build(prompts[i], references[i], candidates[i], wrappers[i])
+                used = template or self._local_template()
+                return used.build(prompts[i], references[i], candidates[i], wrappers[i])
             except ValueError as err:
-                raise ValueError(f"Item {i}: {err}") from err
+                raise EncodeError(i, str(err)) from err
 
         # The first item runs alone: it settles the tokenizer's (shared) truncation/padding state before threads read
         # it concurrently. The Rust tokenizer releases the GIL, so threads encode in parallel.
         built = [build(0)] if n else []
-        if n > 1:
-            if self.encode_workers > 1 and n >= _PARALLEL_ENCODE_MIN_ITEMS:
-                built.extend(self._executor().map(build, range(1, n), chunksize=16))
-            else:
-                built.extend(build(i) for i in range(1, n))
-        encoded = [enc.input_ids for enc in built]
+        if parallel:
+            built.extend(self._executor().map(build, range(1, n), chunksize=16))
+        else:
+            built.extend(build(i) for i in range(1, n))
         truncated = sum(enc.truncated for enc in built)
+        used = template or self.template
         if truncated:
             logger.warning(
                 "%d of %d items were truncated to max_length=%d / max_response_length=%d.",
                 truncated,
                 n,
-                self.template.max_length,
-                self.template.max_response_length,
+                used.max_length,
+                used.max_response_length,
             )
         self.last_stats = {"items": n, "truncated": truncated}
-        return encoded
+        # Items of one (prompt, reference, wrapper) may share their prefix; the plan checks the ids themselves.
+        keys = [
+            (flatten(p, "prompt"), flatten(r, "reference"), w)
+            for p, r, w in zip(prompts, references, wrappers, strict=True)
+        ]
+        return Encoded([enc.input_ids for enc in built], keys, truncated)
 
     def score(
         self,
@@ -273,9 +315,8 @@ class PolarScorer:
             show_progress: override the scorer's progress-bar setting for this call.
         """
         with self._lock:
-            ids = self.encode(prompts, references, candidates, wrapper)
-            keys = [(flatten(p, "prompt"), flatten(r, "reference")) for p, r in zip(prompts, references, strict=True)]
-            return self.score_ids(ids, keys, show_progress=show_progress)
+            encoded = self.encode_items(prompts, references, candidates, wrapper)
+            return self.score_ids(encoded.input_ids, encoded.group_keys, show_progress=show_progress)
 
     def score_ids(
         self,
