@@ -62,7 +62,7 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------------------------------------- setup
 def load(args, model_dir):
-    from trl_polar.scoring import PolarScorer
+    from trl_polar.scorer import PolarScorer
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     return PolarScorer(model_dir, max_tokens_per_batch=args.budget, device=args.device, dtype=dtype)
@@ -144,13 +144,14 @@ def limit_forward(scorer, ids, keys):
     """PolarScorer's rows with every segment attending to itself only: each prefix once, each completion's own
     tokens as a sequence of their own. Every unique token runs once, unpadded; what is left out is the completions'
     attention to their prefix, which exact scoring cannot skip."""
+    from trl_polar.packing import lay_out
     from trl_polar.segment_attention import Segment, SegmentLayout, segment_forward
 
     with torch.inference_mode():
         for mb in scorer.plan(ids, keys):
-            row, segments, _ = scorer.row_segments(ids, mb)
-            alone = SegmentLayout([Segment(s.start, s.length) for s in segments], scorer.device)
-            segment_forward(scorer._backbone, torch.tensor(row, device=scorer.device), alone)
+            row = lay_out(ids, mb.units)
+            alone = SegmentLayout([Segment(s.start, s.length) for s in row.segments], scorer.device)
+            segment_forward(scorer._backbone, torch.tensor(row.input_ids, device=scorer.device), alone)
 
 
 def one_sequence_forward(scorer, ids, keys, budget):
@@ -161,10 +162,10 @@ def one_sequence_forward(scorer, ids, keys, budget):
     for seq, key in zip(ids, keys, strict=True):
         groups.setdefault(key, []).append(seq)
     sequences = []
-    for seqs in groups.values():
-        from trl_polar.template import common_prefix_length
+    from trl_polar.packing import shared_prefix_length
 
-        prefix = min(common_prefix_length(*seqs), min(len(x) for x in seqs) - 1) if len(seqs) > 1 else 0
+    for seqs in groups.values():
+        prefix = shared_prefix_length(seqs) if len(seqs) > 1 else 0
         sequences.append(list(seqs[0][:prefix]) + [t for x in seqs for t in x[prefix:]])
     sequences.sort(key=len, reverse=True)
     with torch.inference_mode():
@@ -178,16 +179,12 @@ def one_sequence_forward(scorer, ids, keys, budget):
 
 def unique_token_count(ids, keys):
     """Tokens left once every (prompt, reference) group's common prefix is counted once."""
-    from trl_polar.template import common_prefix_length
+    from trl_polar.packing import group_units
 
     groups = {}
-    for seq, key in zip(ids, keys, strict=True):
-        groups.setdefault(key, []).append(seq)
-    total = 0
-    for seqs in groups.values():
-        prefix = min(common_prefix_length(*seqs), min(len(x) for x in seqs) - 1) if len(seqs) > 1 else 0
-        total += prefix + sum(len(x) - prefix for x in seqs)
-    return total
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return sum(unit.tokens(ids) for members in groups.values() for unit in group_units(ids, members))
 
 
 def timed(fns, repeats):

@@ -137,7 +137,7 @@ def run_limit(model_dir, tokenizer, template, rows, batch, steps) -> tuple[float
     itself, through the same bucketed segment attention shared_prefix uses: every unique token runs once and nothing
     is masked or padded. What it leaves out, the branches' attention to their prefix, exact training cannot skip.
     """
-    from trl_polar.segment_attention import Segment, SegmentLayout, layout_from_segment_ids, segment_forward
+    from trl_polar.segment_attention import Segment, SegmentLayout, segment_forward
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = _load(model_dir).to(device).train()
@@ -157,14 +157,12 @@ def run_limit(model_dir, tokenizer, template, rows, batch, steps) -> tuple[float
     for step in range(steps + 1):
         collated = collator(rng.sample(encoded, batch))
         start = time.perf_counter()
-        keep, layout = layout_from_segment_ids(collated["segment_ids"], collated["prefix_ids"])
-        alone = SegmentLayout([Segment(s.start, s.length) for s in layout.segments], torch.device(device))
-        new_index = torch.full((collated["input_ids"].numel(),), -1, dtype=torch.long)
-        new_index[keep] = torch.arange(len(keep))
-        reads = new_index[collated["reward_positions"]]
+        alone = SegmentLayout([Segment(s, n) for s, n, _, _ in collated["segments"].tolist()], torch.device(device))
+        reads = collated["reward_positions"]
+        ids = collated["input_ids"][0]
         if step:
-            unique.append(len(keep) / batch)
-        hidden = segment_forward(model.model, collated["input_ids"].reshape(-1)[keep].to(device), alone)
+            unique.append(len(ids) / batch)
+        hidden = segment_forward(model.model, ids.to(device), alone)
         (value_head(model)(hidden[reads.to(device)]).sum() / batch).backward()
         optimizer.step()
         optimizer.zero_grad()

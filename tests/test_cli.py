@@ -133,7 +133,7 @@ def test_train_from_yaml_with_flag_overrides(tmp_path, tiny_qwen2_lm_dir):
 
 
 def test_score_and_evaluate_commands(tmp_path, tiny_qwen2_rm_dir):
-    from trl_polar.scoring import PolarScorer
+    from trl_polar.scorer import PolarScorer
 
     rows = [{"prompt": f"What is {i} + {i}?", "reference": str(2 * i), "output": f"It is {2 * i + k}."}
             for i in range(3) for k in range(2)]  # fmt: skip

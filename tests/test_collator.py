@@ -8,8 +8,8 @@ import pytest
 import torch
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from trl_polar.collator import PolarDataCollator, shared_prefix_length
-from trl_polar.segment_attention import layout_from_segment_ids
+from trl_polar.collator import PolarDataCollator
+from trl_polar.packing import shared_prefix_length
 
 
 def _rows(n=5, seed=0, k=None):
@@ -33,18 +33,14 @@ def _visible_sequence(batch, flat_position):
     """The tokens the reward position attends to, in order: what the model effectively reads for this sequence."""
     width = batch["input_ids"].shape[1]
     row, col = divmod(int(flat_position), width)
-    if "prefix_ids" not in batch:  # packed: the same segment, up to the position
-        seg = batch["segment_ids"][row]
-        keep = (seg == seg[col]) & (torch.arange(width) <= col)
-        return batch["input_ids"][row][keep].tolist(), batch["position_ids"][row][keep].tolist()
-    # shared prefix: the segment-attention layout of the real tokens: the segment's context, then itself up to here
-    keep, layout = layout_from_segment_ids(batch["segment_ids"], batch["prefix_ids"])
-    at = keep.tolist().index(int(flat_position))
-    segment = next(s for s in layout.segments if s.start <= at < s.start + s.length)
-    seen = list(range(segment.context_start, segment.context_start + segment.context_length))
-    seen += list(range(segment.start, at + 1))
-    ids = batch["input_ids"].reshape(-1)[keep]
-    return ids[seen].tolist(), layout.position_ids[0, seen].tolist()
+    if "segments" not in batch:  # packed: positions restart at 0 with each sequence
+        start = col - int(batch["position_ids"][row, col])
+        return batch["input_ids"][row, start : col + 1].tolist(), batch["position_ids"][row, start : col + 1].tolist()
+    # shared prefix: one row; the segment's context, then the segment itself up to here
+    assert row == 0
+    start, _, context_start, context_length = next(s for s in batch["segments"].tolist() if s[0] <= col < s[0] + s[1])
+    seen = list(range(context_start, context_start + context_length)) + list(range(start, col + 1))
+    return batch["input_ids"][0, seen].tolist(), batch["position_ids"][0, seen].tolist()
 
 
 def test_padded_pairs_are_trls_layout():
@@ -74,19 +70,25 @@ def test_every_sequence_is_read_exactly(batching, k, max_row_length):
     total = sum(len(s) for seqs in _sequences(rows) for s in seqs)
     assert batch["sequence_tokens"].sum().item() == total
     rows_used = batch["input_ids"].shape[0]
-    if max_row_length is None:
+    if batching == "shared_prefix":
+        assert rows_used == 1  # the whole batch, unpadded
+    elif max_row_length is None:
         assert rows_used == 6  # one group per row
     else:
         assert rows_used < 6  # groups share rows within the budget
-        real = (batch["segment_ids"] >= 0).sum(dim=1)
-        assert (real <= max_row_length).all() or rows_used == 6
+        width = batch["input_ids"].shape[1]
+        real = {}  # real tokens per row: rows are filled from the left, their last reward token ends them
+        for position in batch["reward_positions"].tolist():
+            r, c = divmod(position, width)
+            real[r] = max(real.get(r, 0), c + 1)
+        assert max(real.values()) <= max_row_length or rows_used == 6
 
 
 def test_shared_prefix_computes_the_prefix_once():
     rows = _rows(4, seed=2)
     batch = PolarDataCollator(pad_token_id=0, batching="shared_prefix")(rows)
     unique = sum(shared_prefix_length(s) + sum(len(x) - shared_prefix_length(s) for x in s) for s in _sequences(rows))
-    assert (batch["segment_ids"] >= 0).sum().item() == unique
+    assert batch["input_ids"].numel() == unique  # one row, no padding
     assert unique < batch["sequence_tokens"].sum().item()
 
 

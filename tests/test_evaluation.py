@@ -9,7 +9,7 @@ import torch
 
 from trl_polar.evaluation import detect_protocol, evaluate, write_report
 from trl_polar.modeling import load_reward_model
-from trl_polar.scoring import PolarScorer
+from trl_polar.scorer import PolarScorer
 
 PROMPTS = ["What is 2 + 2?", "Name a colour.", "Translate 'bonjour'.", "Capital of France?"]
 

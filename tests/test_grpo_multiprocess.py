@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from trl_polar.scoring import PolarScorer
+from trl_polar.scorer import PolarScorer
 
 pytestmark = pytest.mark.multiprocess
 

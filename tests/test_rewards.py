@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from trl_polar.rewards import PolarReward, strip_think
-from trl_polar.scoring import PolarScorer
+from trl_polar.scorer import PolarScorer
 
 P1 = [{"role": "user", "content": "What is 2 + 2?"}]
 P2 = [{"role": "user", "content": "Translate to French: good morning"}]

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from trl_polar.scoring import PolarScorer, score_file
+from trl_polar.score_file import score_file
+from trl_polar.scorer import PolarScorer
 from trl_polar.template import PolarTemplate
 
 PROMPT_A = "What is 2 + 2? Let me think step by step about the answer."
@@ -217,7 +218,7 @@ def test_peft_wrapped_model(tiny_qwen2_rm_dir):
 
 
 def test_a_bad_input_does_not_switch_segment_attention_off(tiny_qwen2_rm_dir):
-    from trl_polar.scoring import PolarScorer
+    from trl_polar.scorer import PolarScorer
 
     scorer = PolarScorer(tiny_qwen2_rm_dir, device="cpu")
     good = scorer.encode(["What is 2 + 2?"] * 3, ["4"] * 3, ["4", "five", "It is 4."])

@@ -15,7 +15,7 @@ _LAZY = {
     "PolarConfig": "config",
     "PolarDataCollator": "collator",
     "PolarRewardTrainer": "trainer",
-    "PolarScorer": "scoring",
+    "PolarScorer": "scorer",
     "PolarReward": "rewards",
     "PolarClient": "client",
     "load_preference_dataset": "data_loading",
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from .data_loading import load_preference_dataset
     from .modeling import add_polar_tokens, load_reward_model, prepare_reward_model
     from .rewards import PolarReward
-    from .scoring import PolarScorer
+    from .scorer import PolarScorer
     from .trainer import PolarRewardTrainer
 
 

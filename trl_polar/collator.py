@@ -10,16 +10,15 @@ produced depends on the layout:
   sequences first (for pairs: chosen rows, then rejected rows); reward i is the pooled logit of row i.
 - ``packed``: sequences concatenated into rows with ``position_ids`` restarting at 0 per sequence and no attention
   mask; reward i is read at flat position ``reward_positions[i]`` of the ``(rows, length)`` grid.
-- ``shared_prefix``: per group, ``[prefix, branch_1, ..., branch_k]`` where the prefix is the longest common prefix of
-  the group's sequences (every branch keeps at least one token); branch position ids continue from the prefix end.
-  ``segment_ids``/``prefix_ids`` describe which tokens may see which (-1 marks padding); the trainer runs the real
-  tokens as one unpadded row through segment attention (`trl_polar.segment_attention.layout_from_segment_ids`).
+- ``shared_prefix``: the whole batch as ONE unpadded row (``(1, tokens)``): per group its common prefix once, then
+  each sequence's own tokens (its branch; every branch keeps at least one token), branch position ids continuing
+  from the prefix end (`trl_polar.packing`). ``segments`` ``(S, 4)`` lists each run of tokens as (start, length,
+  context start, context length): what segment attention needs to let every branch attend to its prefix and itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any
 
 import torch
@@ -27,7 +26,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
 
 from .config import BATCHING_MODES
-from .template import common_prefix_length
+from .packing import group_units, lay_out, pack_summed
 
 PAIR_COLUMNS = ("chosen_ids", "rejected_ids")
 RANKING_COLUMN = "candidates_ids"
@@ -46,15 +45,6 @@ def group_sequences(example: dict[str, Any]) -> list[list[int]]:
     return sequences
 
 
-def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-    """Tokens computed once for a group: the common prefix, leaving every branch at least its last token.
-
-    >>> shared_prefix_length([[1, 2, 3, 4], [1, 2, 3]])
-    2
-    """
-    return min(common_prefix_length(*sequences), min(len(s) for s in sequences) - 1)
-
-
 @dataclass
 class PolarDataCollator(DataCollatorForPreference):
     """Collates tokenized POLAR rows for `PolarRewardTrainer` (see the module docstring for the layouts).
@@ -63,9 +53,9 @@ class PolarDataCollator(DataCollatorForPreference):
         pad_token_id: id used to pad rows.
         pad_to_multiple_of: pad row lengths to a multiple of this (padded layout only, as TRL).
         batching: "padded", "packed" or "shared_prefix".
-        max_row_length: most tokens per packed or shared-prefix row, filled greedily (a group that is longer gets
-            its own row); None puts each group in a row of its own, the fastest choice for sdpa and eager attention,
-            whose cost grows with the square of the row length.
+        max_row_length: most tokens per packed row, filled greedily (a group that is longer gets its own row); None
+            puts each group in a row of its own, the fastest choice for sdpa and eager attention, whose cost grows
+            with the square of the row length. A shared-prefix batch is always one row.
 
     Example:
 
@@ -122,60 +112,40 @@ class PolarDataCollator(DataCollatorForPreference):
         return {"input_ids": ids, "attention_mask": mask, "candidate_index": index}
 
     def _rows(self, groups: list[list[list[int]]], shared: bool) -> dict[str, torch.Tensor]:
-        # Each group becomes a list of (token ids, position ids, segment, prefix segment) pieces; rows are filled
-        # greedily in batch order so that a group never straddles two rows.
-        k = max(len(g) for g in groups)
-        index = torch.full((len(groups), k), -1, dtype=torch.long)
-        rows: list[list[tuple[list[int], list[int], int, int]]] = [[]]
-        row_lengths = [0]
-        ends: list[tuple[int, int]] = []  # (row, offset of the reward token within the row) per sequence
-        next_segment = 0
+        sequences = [seq for group in groups for seq in group]
+        index = torch.full((len(groups), max(len(g) for g in groups)), -1, dtype=torch.long)
+        units, start = [], 0
         for g, group in enumerate(groups):
-            p = shared_prefix_length(group) if shared else 0
-            length = p + sum(len(s) - p for s in group)
-            if row_lengths[-1] and (self.max_row_length is None or row_lengths[-1] + length > self.max_row_length):
-                rows.append([])
-                row_lengths.append(0)
-            row, offset = rows[-1], row_lengths[-1]
-            # Ids unique within the batch: the group's prefix is `segment`, its branches segment+1 .. segment+k.
-            segment, next_segment = next_segment, next_segment + 1 + len(group)
-            if shared and p:
-                row.append((group[0][:p], list(range(p)), segment, segment))
-                offset += p
-            for rank, seq in enumerate(group):
-                branch = seq[p:]
-                own = segment + 1 + rank
-                row.append((branch, list(range(p, len(seq))), own, segment if shared else own))
-                offset += len(branch)
-                index[g, rank] = len(ends)
-                ends.append((len(rows) - 1, offset - 1))
-            row_lengths[-1] = offset
-        width = max(row_lengths)
-        n = len(rows)
-        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+            members = range(start, start + len(group))
+            units.extend(group_units(sequences, members, shared=shared))
+            index[g, : len(group)] = torch.as_tensor(members)
+            start += len(group)
+        if shared:
+            # Segment attention keeps every branch to its prefix and itself, so the whole batch is one row: no
+            # padding, and a row's length costs nothing by itself.
+            rows = [lay_out(sequences, units)]
+        else:
+            # A group never straddles two rows; sdpa and eager pay for a row's length squared.
+            chunks = pack_summed(range(len(units)), lambda u: units[u].tokens(sequences), self.max_row_length)
+            rows = [lay_out(sequences, [units[u] for u in chunk]) for chunk in chunks]
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         # Padding positions restart at 0, so packed-sequence detection sees the padding as one more sequence.
-        position_ids = torch.arange(width).repeat(n, 1)
-        segment_ids = torch.full((n, width), -1, dtype=torch.long)
-        prefix_ids = torch.full((n, width), -1, dtype=torch.long)
-        for r, pieces in enumerate(rows):
-            start = 0
-            for ids, positions, segment, prefix in pieces:
-                stop = start + len(ids)
-                input_ids[r, start:stop] = torch.tensor(ids, dtype=torch.long)
-                position_ids[r, start:stop] = torch.tensor(positions, dtype=torch.long)
-                segment_ids[r, start:stop] = segment
-                prefix_ids[r, start:stop] = prefix
-                start = stop
-            position_ids[r, start:] = torch.arange(width - start)
+        position_ids = torch.arange(width).repeat(len(rows), 1)
+        reads = []
+        for r, row in enumerate(rows):
+            input_ids[r, : len(row)] = torch.tensor(row.input_ids, dtype=torch.long)
+            position_ids[r, : len(row)] = torch.tensor(row.position_ids, dtype=torch.long)
+            position_ids[r, len(row) :] = torch.arange(width - len(row))
+            reads.extend(r * width + read for read in row.reads)
         output = {
             "input_ids": input_ids,
             "position_ids": position_ids,
-            "segment_ids": segment_ids,
-            "reward_positions": torch.tensor([r * width + o for r, o in ends], dtype=torch.long),
+            "reward_positions": torch.tensor(reads, dtype=torch.long),
             "candidate_index": index,
         }
         if shared:
-            output["prefix_ids"] = prefix_ids
+            output["segments"] = torch.tensor([astuple(s) for s in rows[0].segments], dtype=torch.long)
         return output
 
     # ------------------------------------------------------------------------------------------ per-row fields

@@ -128,7 +128,7 @@ def evaluate(
     """Score every row's candidates (and each reference against itself) and measure accuracy.
 
     Args:
-        scorer: a `trl_polar.scoring.PolarScorer`, a `trl_polar.client.PolarClient`, or anything with
+        scorer: a `trl_polar.scorer.PolarScorer`, a `trl_polar.client.PolarClient`, or anything with
             ``.score(prompts, references, candidates) -> list[float]``.
         rows: dicts (a `datasets.Dataset` works too).
         protocol: "pairwise", "best_of_n", "rmb" or "auto" (from the columns).

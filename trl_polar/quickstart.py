@@ -52,7 +52,7 @@ class QuickstartConfig:
     heldout_fraction: float = field(default=0.25, metadata={"help": "Share of triples kept for evaluation."})
     max_new_tokens: int = field(default=24, metadata={"help": "Tokens each policy writes per answer."})
     epochs: float = field(default=4.0, metadata={"help": "Reward-model training epochs."})
-    learning_rate: float = field(default=3e-3, metadata={"help": "Reward-model learning rate (tiny models)."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Reward-model learning rate (tiny models)."})
     grpo_steps: int = field(default=3, metadata={"help": "GRPO steps at the end (0 skips the RL stage)."})
     seed: int = field(default=0, metadata={"help": "Seed of everything."})
 
@@ -80,7 +80,7 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
     from .config import PolarConfig
     from .data import PromptConfig, SamplingConfig, SynthesisConfig, sample_prompts, synthesize
     from .evaluation import evaluate, write_report
-    from .scoring import PolarScorer
+    from .scorer import PolarScorer
     from .tiny import build_tiny_causal_lm, build_tiny_policy_pool, build_tiny_tokenizer
     from .trainer import PolarRewardTrainer
 

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .scorer import Scorer
 from .template import Text, flatten
 
 logger = logging.getLogger(__name__)
@@ -160,19 +161,7 @@ class PolarReward:
         client_kwargs: dict[str, Any] | None = None,
         **scorer_kwargs: Any,
     ) -> None:
-        if aggregate not in AGGREGATES:
-            raise ValueError(f"`aggregate` must be one of {AGGREGATES}, got {aggregate!r}.")
-        if normalize not in NORMALIZATIONS:
-            raise ValueError(
-                f"`normalize` must be one of {NORMALIZATIONS}, got {normalize!r}: 'group' z-scores the completions "
-                "of one prompt, 'batch' z-scores the whole call, None keeps raw POLAR scores."
-            )
-        if on_missing_reference not in ON_MISSING:
-            raise ValueError(f"`on_missing_reference` must be one of {ON_MISSING}, got {on_missing_reference!r}.")
-        if not isinstance(reference_column, str) or not reference_column:
-            raise ValueError(f"`reference_column` must be a column name, got {reference_column!r}.")
-        if sigmoid_scale is not None and not sigmoid_scale > 0:
-            raise ValueError(f"`sigmoid_scale` must be positive, got {sigmoid_scale!r}.")
+        _check_options(aggregate, normalize, on_missing_reference, reference_column, sigmoid_scale)
         self.clip = _clip_range(clip)
         if url is not None or urls is not None:
             if model_or_scorer is not None:
@@ -191,7 +180,7 @@ class PolarReward:
                 )
         self._source = model_or_scorer
         self._scorer_kwargs = scorer_kwargs
-        self._scorer = model_or_scorer if hasattr(model_or_scorer, "score") else None
+        self._scorer = model_or_scorer if isinstance(model_or_scorer, Scorer) else None
         self.reference_column = reference_column
         self.aggregate = aggregate
         self.on_missing_reference = on_missing_reference
@@ -209,7 +198,7 @@ class PolarReward:
     def scorer(self) -> Any:
         """The scoring engine, built on first use so that each rank loads its copy on its own device."""
         if self._scorer is None:
-            from .scoring import PolarScorer
+            from .scorer import PolarScorer
 
             self._scorer = PolarScorer(self._source, **self._scorer_kwargs)
         return self._scorer
@@ -217,7 +206,7 @@ class PolarReward:
     def __getstate__(self) -> dict[str, Any]:
         # A model given by path travels as its path (TRL's async trainer pickles reward functions to a new process).
         state = self.__dict__.copy()
-        if not hasattr(self._source, "score"):
+        if not isinstance(self._source, Scorer):
             state["_scorer"] = None
         return state
 
@@ -279,7 +268,8 @@ class PolarReward:
         values: list[float] = []
         if plan.batch:
             if hasattr(self.scorer, "ascore"):
-                values = self._check_values(await self.scorer.ascore(*plan.columns()), len(plan.batch))
+                scores = await self.scorer.ascore(*plan.columns(), **self._wrapper())
+                values = self._check_values(scores, len(plan.batch))
             else:
                 values = await asyncio.to_thread(self._score, *plan.columns())
         return self._finish(plan, values)
@@ -337,14 +327,13 @@ class PolarReward:
 
     # ------------------------------------------------------------------------------------------------ steps
     def _score(self, prompts: list[Text], references: list[Text], candidates: list[str]) -> list[float]:
-        from .scoring import PolarScorer
+        return self._check_values(
+            self.scorer.score(prompts, references, candidates, **self._wrapper()), len(candidates)
+        )
 
-        scorer = self.scorer
-        if isinstance(scorer, PolarScorer):
-            values = scorer.score(prompts, references, candidates, self.wrapper)
-        else:
-            values = scorer.score(prompts, references, candidates)
-        return self._check_values(values, len(candidates))
+    def _wrapper(self) -> dict[str, str]:
+        # A Scorer's `wrapper` is optional: an object whose score() takes three lists scores the default "sft".
+        return {} if self.wrapper == "sft" else {"wrapper": self.wrapper}
 
     @staticmethod
     def _check_values(values: Any, expected: int) -> list[float]:
@@ -397,6 +386,22 @@ class PolarReward:
             f"PolarReward({source!r}, reference_column={self.reference_column!r}, normalize={self.normalize!r}, "
             f"baseline={self.baseline}, clip={self.clip}, sigmoid_scale={self.sigmoid_scale})"
         )
+
+
+def _check_options(aggregate: str, normalize: Any, on_missing: str, reference_column: Any, sigmoid_scale: Any) -> None:
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"`aggregate` must be one of {AGGREGATES}, got {aggregate!r}.")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(
+            f"`normalize` must be one of {NORMALIZATIONS}, got {normalize!r}: 'group' z-scores the completions "
+            "of one prompt, 'batch' z-scores the whole call, None keeps raw POLAR scores."
+        )
+    if on_missing not in ON_MISSING:
+        raise ValueError(f"`on_missing_reference` must be one of {ON_MISSING}, got {on_missing!r}.")
+    if not isinstance(reference_column, str) or not reference_column:
+        raise ValueError(f"`reference_column` must be a column name, got {reference_column!r}.")
+    if sigmoid_scale is not None and not sigmoid_scale > 0:
+        raise ValueError(f"`sigmoid_scale` must be positive, got {sigmoid_scale!r}.")
 
 
 def _clip_range(clip: Any) -> tuple[float, float] | None:

@@ -318,37 +318,3 @@ def segment_forward(backbone: torch.nn.Module, input_ids: torch.Tensor, layout: 
             input_ids=input_ids[None], position_ids=layout.position_ids, use_cache=False, segment_layout=layout
         )
     return out.last_hidden_state[0]
-
-
-def layout_from_segment_ids(segment_ids: torch.Tensor, prefix_ids: torch.Tensor) -> tuple[torch.Tensor, SegmentLayout]:
-    """The real tokens of a collated shared-prefix batch as one row: their flat (row-major) indices and their layout.
-
-    ``segment_ids`` gives each token's segment (-1 for padding), ``prefix_ids`` the segment it also attends to (its
-    own for a prefix or a sequence alone). Every segment is one contiguous run of tokens.
-
-    Example:
-
-    >>> seg = torch.tensor([[0, 0, 0, 1, 1, 2, -1]])
-    >>> keep, layout = layout_from_segment_ids(seg, torch.tensor([[0, 0, 0, 0, 0, 0, -1]]))
-    >>> keep.tolist(), layout.position_ids.tolist()
-    ([0, 1, 2, 3, 4, 5], [[0, 1, 2, 3, 4, 3]])
-    """
-    flat = segment_ids.reshape(-1)
-    keep = (flat >= 0).nonzero().squeeze(1)
-    seg = flat[keep]
-    pre = prefix_ids.reshape(-1)[keep]
-    starts = torch.cat(
-        [torch.zeros(1, dtype=torch.long, device=seg.device), (seg[1:] != seg[:-1]).nonzero()[:, 0] + 1]
-    )
-    lengths = torch.diff(starts, append=torch.tensor([len(seg)], device=seg.device))
-    runs = list(zip(seg[starts].tolist(), pre[starts].tolist(), starts.tolist(), lengths.tolist(), strict=True))
-    where = {s: (start, length) for s, _, start, length in runs}
-    if len(where) != len(runs):
-        raise ValueError("Each segment id must mark one contiguous run of tokens.")
-    segments = []
-    for s, p, start, length in runs:
-        if p in (s, -1):
-            segments.append(Segment(start, length))
-        else:
-            segments.append(Segment(start, length, *where[p]))
-    return keep, SegmentLayout(segments, segment_ids.device)

@@ -29,7 +29,7 @@ from .collator import PAIR_COLUMNS, RANKING_COLUMN, PolarDataCollator
 from .config import PolarConfig
 from .losses import bradley_terry_loss, plackett_luce_loss, ranking_accuracy
 from .modeling import add_polar_tokens, prepare_reward_model, value_head
-from .segment_attention import layout_from_segment_ids, use_segment_attention
+from .segment_attention import Segment, SegmentLayout, use_segment_attention
 from .template import PolarTemplate
 
 logger = logging.getLogger(__name__)
@@ -336,19 +336,17 @@ class PolarRewardTrainer(RewardTrainer):
         unwrapped = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model
         positions = batch["reward_positions"]
         attention = contextlib.nullcontext()
-        if "prefix_ids" in batch:
-            # Shared prefixes: the batch's real tokens as one unpadded row through segment attention, each branch
-            # attending to its prefix and itself (no padding, no dense mask).
-            keep, layout = layout_from_segment_ids(batch["segment_ids"], batch["prefix_ids"])
+        if "segments" in batch:
+            # Shared prefixes: one unpadded row through segment attention, each branch attending to its prefix and
+            # itself (no padding, no dense mask).
+            segments = [Segment(*s) for s in batch["segments"].tolist()]
+            layout = SegmentLayout(segments, batch["input_ids"].device)
             kwargs = {
-                "input_ids": batch["input_ids"].reshape(-1)[keep][None],
+                "input_ids": batch["input_ids"],
                 "position_ids": layout.position_ids,
                 "segment_layout": layout,
                 "use_cache": False,
             }
-            new_index = torch.full((batch["input_ids"].numel(),), -1, dtype=torch.long, device=keep.device)
-            new_index[keep] = torch.arange(len(keep), device=keep.device)
-            positions = new_index[positions]
             attention = use_segment_attention(unwrapped.config)
         else:
             kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
@@ -371,7 +369,7 @@ class PolarRewardTrainer(RewardTrainer):
         # left its attention switch: the switch must hold across the backward too, or the recomputation runs another
         # attention function and torch's checkpoint refuses the mismatch.
         attention = contextlib.nullcontext()
-        if "prefix_ids" in inputs:
+        if "segments" in inputs:
             attention = use_segment_attention(self.accelerator.unwrap_model(model).config)
         with attention:
             return super().training_step(model, inputs, num_items_in_batch)

@@ -18,20 +18,19 @@ is checked once) is scored with length-sorted, right-padded plain batches instea
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .segment_attention import Segment, SegmentLayout, segment_forward
-from .template import PolarTemplate, Text, common_prefix_length, flatten
+from .packing import Unit, group_units, lay_out, pack_padded, pack_summed
+from .segment_attention import SegmentLayout, segment_forward
+from .template import PolarTemplate, Text, flatten
 
 logger = logging.getLogger(__name__)
 
@@ -40,23 +39,28 @@ DEFAULT_MAX_TOKENS_PER_BATCH = 16384
 DEFAULT_MIN_PREFIX_TOKENS = 1
 # Fewer items than this are tokenized serially: a thread hand-off costs more than it saves.
 _PARALLEL_ENCODE_MIN_ITEMS = 32
-CANDIDATE_COLUMNS = ("output", "candidate", "completion", "response")
 
 
 @dataclass(frozen=True)
 class MicroBatch:
     """One forward pass of the plan.
 
-    kind: "row" (one unpadded row of ``length`` tokens: each unit's shared prefix once, then its members' own
-    tokens; ``prefixes`` gives each item's shared prefix length, 0 for an item alone, and ``units`` which unit of
-    the row it belongs to) or "plain" (full sequences right-padded to ``length``).
+    kind: "row" (one unpadded row of ``length`` tokens laid out from ``units`` by `trl_polar.packing.lay_out`:
+    each unit's shared prefix once, then its members' own tokens) or "plain" (full sequences right-padded to
+    ``length``). ``indices`` lists the items in the order the pass returns their scores.
     """
 
     kind: str
     indices: tuple[int, ...]
     length: int
-    prefixes: tuple[int, ...] = ()
-    units: tuple[int, ...] = ()
+    units: tuple[Unit, ...] = ()
+
+    @property
+    def prefixes(self) -> tuple[int, ...]:
+        """Each item's shared prefix length, in ``indices`` order (0 for an item alone or in a plain batch)."""
+        if self.kind != "row":
+            return (0,) * len(self.indices)
+        return tuple(unit.prefix for unit in self.units for _ in unit.members)
 
     @property
     def tokens(self) -> int:
@@ -96,6 +100,23 @@ def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """What scores POLAR triples: `PolarScorer` (a local model) and `trl_polar.PolarClient` (a server or engine).
+
+    The reward callable, the integrations, evaluation and the CLI take any `Scorer`; ``wrapper`` is "sft" or
+    "pretrain", for all items or one per item.
+    """
+
+    def score(
+        self,
+        prompts: Sequence[Text],
+        references: Sequence[Text],
+        candidates: Sequence[Text],
+        wrapper: str | Sequence[str] = "sft",
+    ) -> list[float]: ...
 
 
 class EncodeError(ValueError):
@@ -391,42 +412,24 @@ class PolarScorer:
             order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]), reverse=True)
             return [
                 MicroBatch("plain", tuple(chunk), length)
-                for chunk, length in _pack_padded(order, lambda i: len(input_ids[i]), budget)
+                for chunk, length in pack_padded(order, lambda i: len(input_ids[i]), budget)
             ]
         groups: dict[Any, list[int]] = {}
         for i, key in enumerate(group_keys):
             groups.setdefault(key, []).append(i)
-        units: list[tuple[int, list[int]]] = []  # (shared prefix length, members)
-        for members in groups.values():
-            prefix = 0
-            if self.shared_prefix and len(members) >= 2:
-                seqs = [input_ids[i] for i in members]
-                # Every candidate keeps at least one token of its own: the reward token is read from its segment.
-                prefix = min(common_prefix_length(*seqs), min(len(s) for s in seqs) - 1)
-            if prefix < self.min_prefix_tokens:
-                units.extend((0, [i]) for i in members)
-                continue
-            members = sorted(members, key=lambda i: len(input_ids[i]), reverse=True)
-            for chunk, _ in _pack_summed(members, lambda i, p=prefix: len(input_ids[i]) - p, budget - prefix):
-                units.append((prefix, chunk))
-
-        def cost(unit: tuple[int, list[int]]) -> int:
-            prefix, members = unit
-            return prefix + sum(len(input_ids[i]) - prefix for i in members)
-
-        units.sort(key=cost, reverse=True)
-        plan = []
-        for chosen, tokens in _pack_summed(list(range(len(units))), lambda u: cost(units[u]), budget):
-            row = [units[u] for u in chosen]
-            plan.append(
-                MicroBatch(
-                    "row",
-                    tuple(i for _, m in row for i in m),
-                    tokens,
-                    prefixes=tuple(p for p, m in row for _ in m),
-                    units=tuple(u for u, (_, m) in enumerate(row) for _ in m),
-                )
+        units = [
+            unit
+            for members in groups.values()
+            for unit in group_units(
+                input_ids, members, budget=budget, min_prefix=self.min_prefix_tokens, shared=self.shared_prefix
             )
+        ]
+        units.sort(key=lambda u: u.tokens(input_ids), reverse=True)
+        plan = []
+        for chosen in pack_summed(range(len(units)), lambda u: units[u].tokens(input_ids), budget):
+            row = tuple(units[u] for u in chosen)
+            indices = tuple(i for unit in row for i in unit.members)
+            plan.append(MicroBatch("row", indices, sum(u.tokens(input_ids) for u in row), units=row))
         return plan
 
     # ------------------------------------------------------------------------------------------------ forwards
@@ -439,8 +442,7 @@ class PolarScorer:
             return
         template = self.template
         ids = [template.encode("probe prompt", "probe reference", c) for c in ("a", "a longer candidate")]
-        prefix = min(common_prefix_length(*ids), min(len(s) for s in ids) - 1)
-        mb = MicroBatch("row", (0, 1), 0, prefixes=(prefix, prefix), units=(0, 0))
+        mb = MicroBatch("row", (0, 1), 0, units=tuple(group_units(ids, [0, 1])))
         try:
             with torch.inference_mode():
                 got = torch.tensor(self._forward_row(ids, mb))
@@ -479,65 +481,16 @@ class PolarScorer:
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
         return self._head(last).float().squeeze(-1).tolist()
 
-    @staticmethod
-    def row_segments(input_ids: Sequence[Sequence[int]], mb: MicroBatch) -> tuple[list[int], list[Segment], list[int]]:
-        """A "row" micro-batch laid out: its token ids (each unit's shared prefix once, then its members' own
-        tokens), their segments, and where each item's reward token sits."""
-        row: list[int] = []
-        segments: list[Segment] = []
-        reads: list[int] = []
-        contexts: dict[int, int] = {}
-        for i, prefix, unit in zip(mb.indices, mb.prefixes, mb.units, strict=True):
-            ids = input_ids[i]
-            if prefix and unit not in contexts:
-                contexts[unit] = len(row)
-                segments.append(Segment(len(row), prefix))
-                row.extend(ids[:prefix])
-            segments.append(Segment(len(row), len(ids) - prefix, contexts.get(unit, 0), prefix))
-            row.extend(ids[prefix:])
-            reads.append(len(row) - 1)
-        return row, segments, reads
-
     def _forward_row(self, input_ids: Sequence[Sequence[int]], mb: MicroBatch) -> list[float]:
-        row, segments, reads = self.row_segments(input_ids, mb)
-        layout = SegmentLayout(segments, self.device)
-        hidden = segment_forward(self._backbone, torch.tensor(row, dtype=torch.long, device=self.device), layout)
-        last = hidden.index_select(0, torch.tensor(reads, device=self.device))
+        row = lay_out(input_ids, mb.units)
+        layout = SegmentLayout(row.segments, self.device)
+        ids = torch.tensor(row.input_ids, dtype=torch.long, device=self.device)
+        hidden = segment_forward(self._backbone, ids, layout)
+        last = hidden.index_select(0, torch.tensor(row.reads, device=self.device))
         return self._head(last).float().squeeze(-1).tolist()
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _pack_padded(order: list[int], length_of: Callable[[int], int], budget: int) -> Iterable[tuple[list[int], int]]:
-    """Greedy padded batches of length-sorted items (longest first): rows x padded length <= budget."""
-    chunk: list[int] = []
-    longest = 0
-    for i in order:
-        length = length_of(i)
-        new_longest = max(longest, length)
-        if chunk and (len(chunk) + 1) * new_longest > budget:
-            yield chunk, longest
-            chunk, new_longest = [], length
-        chunk.append(i)
-        longest = new_longest
-    if chunk:
-        yield chunk, longest
-
-
-def _pack_summed(order: list[int], length_of: Callable[[int], int], budget: int) -> Iterable[tuple[list[int], int]]:
-    """Greedy chunks of items whose lengths sum to at most ``budget`` (an item longer than it goes alone)."""
-    chunk: list[int] = []
-    total = 0
-    for i in order:
-        length = length_of(i)
-        if chunk and total + length > budget:
-            yield chunk, total
-            chunk, total = [], 0
-        chunk.append(i)
-        total += length
-    if chunk:
-        yield chunk, total
-
-
 def _check_lengths(**lists: Sequence[Any]) -> int:
     for name, value in lists.items():
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
@@ -559,94 +512,3 @@ def _progress_bar(total: int, enabled: bool):
 
 
 # ---------------------------------------------------------------------------------------------------- files
-def _detect_column(row: dict, wanted: str | None, candidates: Sequence[str], role: str, line: int) -> str:
-    if wanted is not None:
-        if wanted not in row:
-            raise ValueError(
-                f"Line {line} has no {role} column {wanted!r} (it has {sorted(row)}). Pass the right column name."
-            )
-        return wanted
-    for name in candidates:
-        if name in row:
-            return name
-    raise ValueError(
-        f"Line {line} has none of the {role} columns {list(candidates)} (it has {sorted(row)}). Name the column "
-        "explicitly."
-    )
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Rows of a JSON-lines file; blank lines are skipped, a malformed line is an error naming it."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no} is not valid JSON ({err.msg}). Fix or remove that line.") from err
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_no} must be a JSON object, got {type(row).__name__}.")
-            rows.append(row)
-    return rows
-
-
-def score_file(
-    model: str | os.PathLike | PolarScorer | Any,
-    data_path: str | os.PathLike,
-    output_path: str | os.PathLike,
-    *,
-    prompt_column: str = "prompt",
-    reference_column: str = "reference",
-    candidate_column: str | None = None,
-    output_column: str = "reward",
-    wrapper: str = "sft",
-    max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
-    device: str | None = None,
-    dtype: str | None = None,
-    show_progress: bool = True,
-) -> dict[str, Any]:
-    """Score a JSON-lines file of (prompt, reference, candidate) rows and write each row back with its reward.
-
-    The candidate column defaults to the first of "output" (the official client's name), "candidate", "completion"
-    and "response" that the first row has. A row may carry its own "wrapper". Returns a summary
-    ``{"rows", "mean", "min", "max", "output"}``.
-    """
-    scorer = (
-        model
-        if hasattr(model, "score")
-        else PolarScorer(model, max_tokens_per_batch=max_tokens_per_batch, device=device, dtype=dtype)
-    )
-    rows = read_jsonl(data_path)
-    if not rows:
-        raise ValueError(f"{data_path} has no rows. Write one JSON object per line with prompt, reference, output.")
-    candidate_column = _detect_column(rows[0], candidate_column, CANDIDATE_COLUMNS, "candidate", 1)
-    prompts, references, candidates, wrappers = [], [], [], []
-    for line, row in enumerate(rows, start=1):
-        for column in (prompt_column, reference_column, candidate_column):
-            if row.get(column) is None:
-                raise ValueError(
-                    f"{data_path}: row {line} has no {column!r} value (it has {sorted(row)}). Every row needs "
-                    f"{prompt_column!r}, {reference_column!r} and {candidate_column!r}."
-                )
-        prompts.append(row[prompt_column])
-        references.append(row[reference_column])
-        candidates.append(row[candidate_column])
-        wrappers.append(row.get("wrapper", wrapper))
-    if isinstance(scorer, PolarScorer):
-        rewards = scorer.score(prompts, references, candidates, wrappers, show_progress=show_progress)
-    else:
-        rewards = scorer.score(prompts, references, candidates)
-    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-    with open(output_path, "w", encoding="utf-8") as f:
-        for row, reward in zip(rows, rewards, strict=True):
-            f.write(json.dumps({**row, output_column: reward}, ensure_ascii=False) + "\n")
-    finite = [r for r in rewards if r is not None and math.isfinite(r)]
-    return {
-        "rows": len(rows),
-        "mean": sum(finite) / len(finite) if finite else float("nan"),
-        "min": min(finite, default=float("nan")),
-        "max": max(finite, default=float("nan")),
-        "output": str(output_path),
-    }
