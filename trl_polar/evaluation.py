@@ -22,7 +22,10 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .scorer import Scorer
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +122,7 @@ def _rows_to_groups(rows: Sequence[dict[str, Any]], protocol: str) -> list[tuple
 
 
 def evaluate(
-    scorer: Any,
+    scorer: Scorer,
     rows: Sequence[dict[str, Any]],
     protocol: str = "auto",
     category_column: str | None = "category",
@@ -128,7 +131,7 @@ def evaluate(
     """Score every row's candidates (and each reference against itself) and measure accuracy.
 
     Args:
-        scorer: a `trl_polar.scorer.PolarScorer`, a `trl_polar.client.PolarClient`, or anything with
+        scorer: a `trl_polar.scorer.Scorer`: a `PolarScorer`, a `PolarClient`, or anything with
             ``.score(prompts, references, candidates) -> list[float]``.
         rows: dicts (a `datasets.Dataset` works too).
         protocol: "pairwise", "best_of_n", "rmb" or "auto" (from the columns).
@@ -142,7 +145,30 @@ def evaluate(
     elif protocol not in PROTOCOLS:
         raise ValueError(f"`protocol` must be 'auto' or one of {PROTOCOLS}, got {protocol!r}.")
     groups = _rows_to_groups(rows, protocol)
+    per_group = _score_groups(scorer, groups)
+    correct, margins = [], []
+    scores_by_rank: dict[str, list[float]] = defaultdict(list)
+    self_scores = []
+    for self_score, *ranked in per_group:
+        self_scores.append(self_score)
+        for rank, s in enumerate(ranked, start=1 if protocol != "rmb" else 2):
+            scores_by_rank[f"rank_{rank}"].append(s)
+        correct.append(all(ranked[0] > other for other in ranked[1:]))
+        margins.append(ranked[0] - max(ranked[1:]))
+    return EvaluationReport(
+        protocol=protocol,
+        num_rows=len(rows),
+        accuracy=sum(correct) / len(correct),
+        per_category=_per_category(rows, correct, category_column),
+        score_stats_by_rank={k: _stats(v) for k, v in sorted(scores_by_rank.items())},
+        margin_stats=_stats(margins),
+        reference_self_score=_stats(self_scores),
+        scores_by_rank=dict(scores_by_rank),
+    )
 
+
+def _score_groups(scorer: Scorer, groups: list[tuple[Any, Any, list[Any]]]) -> list[list[float]]:
+    """Per group: r(p, ref, ref), then its candidates' scores, best first."""
     # One flat scoring call: candidates of a row share (prompt, reference), so the scorer computes that prefix once.
     prompts, references, candidates, owners = [], [], [], []
     for g, (prompt, reference, answers) in enumerate(groups):
@@ -154,37 +180,19 @@ def evaluate(
     scores = scorer.score(prompts, references, candidates)
     if len(scores) != len(candidates):
         raise ValueError(f"The scorer returned {len(scores)} scores for {len(candidates)} items.")
-
-    per_group: dict[int, list[float]] = defaultdict(list)
-    for g, s in zip(owners, scores):
+    per_group: list[list[float]] = [[] for _ in groups]
+    for g, s in zip(owners, scores, strict=True):
         per_group[g].append(float(s))
-    correct, margins = [], []
-    scores_by_rank: dict[str, list[float]] = defaultdict(list)
-    self_scores = []
-    for g in range(len(groups)):
-        self_score, *ranked = per_group[g]
-        self_scores.append(self_score)
-        for rank, s in enumerate(ranked, start=1 if protocol != "rmb" else 2):
-            scores_by_rank[f"rank_{rank}"].append(s)
-        correct.append(all(ranked[0] > other for other in ranked[1:]))
-        margins.append(ranked[0] - max(ranked[1:]))
+    return per_group
 
-    per_category: dict[str, dict[str, float]] = {}
-    if category_column and all(category_column in row for row in rows):
-        by_category: dict[str, list[bool]] = defaultdict(list)
-        for row, ok in zip(rows, correct):
-            by_category[str(row[category_column])].append(ok)
-        per_category = {k: {"rows": len(v), "accuracy": sum(v) / len(v)} for k, v in by_category.items()}
-    return EvaluationReport(
-        protocol=protocol,
-        num_rows=len(rows),
-        accuracy=sum(correct) / len(correct),
-        per_category=per_category,
-        score_stats_by_rank={k: _stats(v) for k, v in sorted(scores_by_rank.items())},
-        margin_stats=_stats(margins),
-        reference_self_score=_stats(self_scores),
-        scores_by_rank=dict(scores_by_rank),
-    )
+
+def _per_category(rows: list[dict[str, Any]], correct: list[bool], column: str | None) -> dict[str, dict[str, float]]:
+    if not column or not all(column in row for row in rows):
+        return {}
+    by_category: dict[str, list[bool]] = defaultdict(list)
+    for row, ok in zip(rows, correct, strict=True):
+        by_category[str(row[column])].append(ok)
+    return {k: {"rows": len(v), "accuracy": sum(v) / len(v)} for k, v in by_category.items()}
 
 
 def write_report(report: EvaluationReport, out_dir: str | os.PathLike, plots: bool = True) -> dict[str, str]:

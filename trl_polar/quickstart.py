@@ -75,14 +75,6 @@ def _stage(name: str):
 def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
     """Run every stage and return the summary (also written to ``out_dir/report.json`` and ``summary.md``)."""
     import torch
-    from transformers import AutoTokenizer
-
-    from .config import PolarConfig
-    from .data import PromptConfig, SamplingConfig, SynthesisConfig, sample_prompts, synthesize
-    from .evaluation import evaluate, write_report
-    from .scorer import PolarScorer
-    from .tiny import build_tiny_causal_lm, build_tiny_policy_pool, build_tiny_tokenizer
-    from .trainer import PolarRewardTrainer
 
     config = config or QuickstartConfig()
     out = Path(config.out_dir)
@@ -91,12 +83,48 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
     timings: dict[str, float] = {}
 
     start = _stage(f"1/5 Building a pool of {config.num_policies} tiny policies")
-    tokenizer = build_tiny_tokenizer(out / "tokenizer", corpus=[d["text"] for d in _corpus(200, config.seed)])
-    policies = build_tiny_policy_pool(tokenizer, out / "policies", config.num_policies, seed=config.seed)
-    build_tiny_causal_lm(tokenizer, seed=config.seed + 999, out_dir=out / "backbone", hidden_size=96)
+    tokenizer, policies = _build_pool(out, config)
     timings["policies"] = time.perf_counter() - start
 
     start = _stage(f"2/5 Synthesising POLAR triples for {config.num_prompts} prompts")
+    train_rows, eval_rows, totals = _synthesise(tokenizer, policies, out, config)
+    timings["data"] = time.perf_counter() - start
+    print(f"{len(train_rows)} training and {len(eval_rows)} held-out triples; removals: {totals}")
+
+    before, after, reward_model = _train_and_evaluate(train_rows, eval_rows, out, config, timings)
+
+    grpo: dict[str, Any] = {}
+    if config.grpo_steps > 0:
+        start = _stage(f"5/5 {config.grpo_steps} GRPO steps rewarded by the trained model")
+        grpo = _grpo(policies[0], reward_model, train_rows, out, config)
+        timings["grpo"] = time.perf_counter() - start
+
+    summary = {
+        "triples": {"train": len(train_rows), "heldout": len(eval_rows), "synthesis": totals},
+        "accuracy_before": before.accuracy,
+        "accuracy_after": after.accuracy,
+        "reference_self_score_after": after.reference_self_score.get("mean"),
+        "grpo": grpo,
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "config": asdict(config),
+    }
+    _write_summary(summary, out)
+    return summary
+
+
+def _build_pool(out: Path, config: QuickstartConfig) -> tuple[Any, list[str]]:
+    from .tiny import build_tiny_causal_lm, build_tiny_policy_pool, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(out / "tokenizer", corpus=[d["text"] for d in _corpus(200, config.seed)])
+    policies = build_tiny_policy_pool(tokenizer, out / "policies", config.num_policies, seed=config.seed)
+    build_tiny_causal_lm(tokenizer, seed=config.seed + 999, out_dir=out / "backbone", hidden_size=96)
+    return tokenizer, policies
+
+
+def _synthesise(tokenizer: Any, policies: list[str], out: Path, config: QuickstartConfig):
+    """Training and held-out triples, and the synthesis totals."""
+    from .data import PromptConfig, SamplingConfig, SynthesisConfig, sample_prompts, synthesize
+
     prompts = sample_prompts(
         _corpus(config.num_prompts * 2, config.seed),
         tokenizer,
@@ -116,16 +144,22 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
     rows = result.rows()
     random.Random(config.seed).shuffle(rows)
     n_eval = max(8, int(len(rows) * config.heldout_fraction))
-    eval_rows, train_rows = rows[:n_eval], rows[n_eval:]
     columns = ("prompt", "reference", "chosen", "rejected", "wrapper")
-    train_rows = [{k: r[k] for k in columns} for r in train_rows]
-    eval_rows = [{k: r[k] for k in columns} for r in eval_rows]
-    timings["data"] = time.perf_counter() - start
-    print(f"{len(train_rows)} training and {len(eval_rows)} held-out triples; removals: {result.totals}")
+    rows = [{k: r[k] for k in columns} for r in rows]
+    return rows[n_eval:], rows[:n_eval], result.totals
+
+
+def _train_and_evaluate(train_rows, eval_rows, out: Path, config: QuickstartConfig, timings: dict[str, float]):
+    """Held-out accuracy before and after pre-training the reward model; returns both reports and the model dir."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from .config import PolarConfig
+    from .evaluation import evaluate, write_report
+    from .scorer import PolarScorer
+    from .trainer import PolarRewardTrainer
 
     start = _stage("3/5 Held-out accuracy before training")
-    from datasets import Dataset
-
     args = PolarConfig(
         output_dir=str(out / "reward-model"),
         max_length=256,
@@ -158,29 +192,16 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
     write_report(after, out / "evaluation")
     timings["train_and_eval"] = time.perf_counter() - start
     print(f"accuracy after: {after.accuracy:.3f}")
+    return before, after, args.output_dir
 
-    grpo: dict[str, Any] = {}
-    if config.grpo_steps > 0:
-        start = _stage(f"5/5 {config.grpo_steps} GRPO steps rewarded by the trained model")
-        grpo = _grpo(policies[0], args.output_dir, train_rows, out, config)
-        timings["grpo"] = time.perf_counter() - start
 
-    summary = {
-        "triples": {"train": len(train_rows), "heldout": len(eval_rows), "synthesis": result.totals},
-        "accuracy_before": before.accuracy,
-        "accuracy_after": after.accuracy,
-        "reference_self_score_after": after.reference_self_score.get("mean"),
-        "grpo": grpo,
-        "seconds": {k: round(v, 1) for k, v in timings.items()},
-        "config": asdict(config),
-    }
+def _write_summary(summary: dict[str, Any], out: Path) -> None:
     (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     table = _table(summary)
     (out / "summary.md").write_text(table + "\n" + "```\n" + REAL_SCALE + "```\n", encoding="utf-8")
     print("\n" + table)
     print(f"\nReport: {out / 'report.json'}, {out / 'summary.md'}, plots in {out / 'evaluation'}\n")
     print(REAL_SCALE)
-    return summary
 
 
 def _trainer_template(trainer: Any):

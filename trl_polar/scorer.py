@@ -183,24 +183,7 @@ class PolarScorer:
         ):
             raise ValueError(f"`max_tokens_per_batch` must be a positive integer, got {max_tokens_per_batch!r}.")
         device = torch.device(device) if device is not None else default_device()
-        torch_dtype = _resolve_dtype(dtype, device)
-        if isinstance(model_or_path, (str, os.PathLike)):
-            from .modeling import load_reward_model
-
-            overrides = template.to_dict() if template is not None else {}
-            model, loaded_template = load_reward_model(model_or_path, dtype=torch_dtype, **overrides)
-            template = template or loaded_template
-        else:
-            model = model_or_path
-            if not isinstance(model, torch.nn.Module):
-                raise ValueError(
-                    f"`model_or_path` must be a path, a hub name or a loaded reward model, got "
-                    f"{type(model).__name__}. For a remote scorer pass it to PolarReward directly."
-                )
-            if template is None:
-                template = PolarTemplate.from_pretrained(model)
-            if torch_dtype is not None:
-                model.to(torch_dtype)
+        model, template = _load(model_or_path, template, _resolve_dtype(dtype, device))
         self.model = model.to(device).eval()
         self.template = template
         self.device = device
@@ -491,6 +474,24 @@ class PolarScorer:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+def _load(model_or_path: Any, template: PolarTemplate | None, dtype: torch.dtype | None) -> tuple[Any, PolarTemplate]:
+    if isinstance(model_or_path, (str, os.PathLike)):
+        from .modeling import load_reward_model
+
+        overrides = template.to_dict() if template is not None else {}
+        model, loaded_template = load_reward_model(model_or_path, dtype=dtype, **overrides)
+        return model, template or loaded_template
+    model = model_or_path
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(
+            f"`model_or_path` must be a path, a hub name or a loaded reward model, got "
+            f"{type(model).__name__}. For a remote scorer pass it to PolarReward directly."
+        )
+    if dtype is not None:
+        model.to(dtype)
+    return model, template if template is not None else PolarTemplate.from_pretrained(model)
+
+
 def _check_lengths(**lists: Sequence[Any]) -> int:
     for name, value in lists.items():
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
