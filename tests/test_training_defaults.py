@@ -117,3 +117,13 @@ def test_train_command_on_its_defaults(tmp_path, tiny_qwen2_lm_dir):
     assert model(input_ids=ids).logits.shape == (1, 1)
     # The head learned: it is no longer the zero head a causal LM starts with.
     assert model.score.weight.abs().sum().item() > 0
+
+
+def test_max_packed_length_is_the_old_name_of_max_row_length():
+    with pytest.warns(FutureWarning, match="max_row_length"):
+        config = PolarConfig(output_dir="x", use_cpu=True, max_packed_length=64)
+    assert (config.max_row_length, config.max_packed_length) == (64, None)
+    with pytest.raises(ValueError, match="same setting"):
+        PolarConfig(output_dir="x", use_cpu=True, max_packed_length=64, max_row_length=32)
+    with pytest.raises(ValueError, match="`max_row_length` must be a positive integer or None, got 0"):
+        PolarConfig(output_dir="x", use_cpu=True, max_row_length=0)

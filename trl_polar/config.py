@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from trl import RewardConfig
 
+from .checks import check_positive_int
 from .template import (
     CUT_SIDES,
     DEFAULT_MAX_LENGTH,
@@ -93,15 +95,18 @@ class PolarConfig(RewardConfig):
             "choices": list(BATCHING_MODES),
         },
     )
-    max_packed_length: int | None = field(
+    max_row_length: int | None = field(
         default=None,
         metadata={
-            "help": "Most tokens per row in 'packed' and 'shared_prefix' batching; rows are filled greedily and a "
-            "group (pair or ranking) longer than this gets a row of its own. None: one group per row with sdpa or "
-            "eager attention (their cost grows with the square of the row length, so longer rows only cost more), "
-            "and 2 * max_length, as POLAR's own packing, with kernels that read packed rows natively (flash "
-            "attention)."
+            "help": "Most tokens per row in 'packed' batching; rows are filled greedily and a group (pair or ranking) "
+            "longer than this gets a row of its own. None: one group per row with sdpa or eager attention (their "
+            "cost grows with the square of the row length, so longer rows only cost more), and 2 * max_length, as "
+            "POLAR's own packing, with kernels that read packed rows natively (flash attention). A 'shared_prefix' "
+            "batch is always one unpadded row."
         },
+    )
+    max_packed_length: int | None = field(
+        default=None, metadata={"help": "Deprecated name of `max_row_length`; it sets that field and warns."}
     )
     # ---------------------------------------------------------------------------------------------- the loss
     loss_type: str = field(
@@ -122,9 +127,7 @@ class PolarConfig(RewardConfig):
                 "checkpoints' value) or another positive integer."
             )
         for name in ("max_length", "max_response_length"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+            check_positive_int(name, getattr(self, name))
         # Two copies of the prompt need at least one token each, so every row fits: no row is ever dropped.
         if self.max_length - RESERVED_TOKENS - 2 * self.max_response_length < 2:
             raise ValueError(
@@ -141,12 +144,14 @@ class PolarConfig(RewardConfig):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"`{name}` must be a non-empty string, got {getattr(self, name)!r}.")
         if self.max_packed_length is not None:
-            if isinstance(self.max_packed_length, bool) or not isinstance(self.max_packed_length, int):
+            if self.max_row_length is not None and self.max_row_length != self.max_packed_length:
                 raise ValueError(
-                    f"`max_packed_length` must be a positive integer or None, got {self.max_packed_length!r}."
+                    f"`max_packed_length`={self.max_packed_length} and `max_row_length`={self.max_row_length} are the "
+                    "same setting; keep only max_row_length."
                 )
-            if self.max_packed_length <= 0:
-                raise ValueError(f"`max_packed_length` must be positive, got {self.max_packed_length}.")
+            warnings.warn("`max_packed_length` is deprecated; use `max_row_length`.", FutureWarning, stacklevel=2)
+            self.max_row_length, self.max_packed_length = self.max_packed_length, None
+        check_positive_int("max_row_length", self.max_row_length, optional=True)
         if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
             raise ValueError(
                 "`center_rewards_coefficient` must be >= 0 (TRL recommends 0.01), got "

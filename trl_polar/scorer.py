@@ -28,6 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .checks import check_positive_int
 from .packing import Unit, group_units, lay_out, pack_padded, pack_summed
 from .segment_attention import SegmentLayout, segment_forward
 from .template import PolarTemplate, Text, flatten
@@ -176,12 +177,7 @@ class PolarScorer:
         show_progress: bool = False,
         encode_workers: int | None = None,
     ) -> None:
-        if (
-            isinstance(max_tokens_per_batch, bool)
-            or not isinstance(max_tokens_per_batch, int)
-            or (max_tokens_per_batch <= 0)
-        ):
-            raise ValueError(f"`max_tokens_per_batch` must be a positive integer, got {max_tokens_per_batch!r}.")
+        check_positive_int("max_tokens_per_batch", max_tokens_per_batch)
         device = torch.device(device) if device is not None else default_device()
         model, template = _load(model_or_path, template, _resolve_dtype(dtype, device))
         self.model = model.to(device).eval()

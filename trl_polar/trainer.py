@@ -194,8 +194,8 @@ class PolarRewardTrainer(RewardTrainer):
 
     @staticmethod
     def _row_length(model: Any, args: PolarConfig) -> int | None:
-        if args.max_packed_length is not None:
-            return args.max_packed_length
+        if args.max_row_length is not None:
+            return args.max_row_length
         # sdpa and eager materialise a row-by-row mask, so several groups per row cost more than one row each;
         # varlen kernels (flash attention) gain from long rows.
         if getattr(model.config, "_attn_implementation", None) in MASK_ATTENTION:
