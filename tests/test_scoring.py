@@ -185,7 +185,7 @@ def test_score_file_roundtrip(tmp_path, tiny_qwen2_rm_dir):
         score_file(tiny_qwen2_rm_dir, bad, tmp_path / "x.jsonl", device="cpu")
     missing = tmp_path / "missing.jsonl"
     missing.write_text(json.dumps({"prompt": "p", "output": "c"}) + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"row 1 has no 'reference' value"):
+    with pytest.raises(ValueError, match=r"missing.jsonl:1 has no 'reference' value"):
         score_file(tiny_qwen2_rm_dir, missing, tmp_path / "x.jsonl", device="cpu")
 
 
@@ -233,3 +233,61 @@ def test_a_bad_input_does_not_switch_segment_attention_off(tiny_qwen2_rm_dir):
     assert scorer.uses_segment_attention
     assert scorer.score_ids(good, ["g"] * 3) == pytest.approx(expected, abs=1e-5)
     assert [(mb.kind, min(mb.prefixes) > 0) for mb in scorer.last_plan] == [("row", True)]
+
+
+class InterruptAfter:
+    """Ctrl-C arriving while the given call of a real scorer is running (the calls before it score normally)."""
+
+    def __init__(self, scorer, calls: int) -> None:
+        self.scorer, self.calls, self.seen = scorer, calls, []
+
+    def score(self, prompts, references, candidates, wrapper="sft"):
+        self.seen.append(len(candidates))
+        if len(self.seen) == self.calls:
+            raise KeyboardInterrupt
+        return self.scorer.score(prompts, references, candidates, wrapper)
+
+
+def _file_rows(n: int) -> list[dict]:
+    return [
+        {"prompt": PROMPTS[i % 8], "reference": REFERENCES[i % 8], "output": CANDIDATES[i % 8], "id": i}
+        for i in range(n)
+    ]
+
+
+def test_score_file_is_atomic_keeps_work_on_ctrl_c_and_resumes(tmp_path, tiny_qwen2_rm_dir):
+    from trl_polar.score_file import ScoringInterrupted
+
+    scorer = PolarScorer(tiny_qwen2_rm_dir, device="cpu")
+    data, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _file_rows(10)), encoding="utf-8")
+    out.write_text("previous output\n", encoding="utf-8")
+    with pytest.raises(ScoringInterrupted, match=r"after 6 of 10 rows; their scores are kept in .*out.jsonl.partial"):
+        score_file(InterruptAfter(scorer, calls=3), data, out, chunk_rows=3, show_progress=False)
+    # The destination is untouched; the three chunks scored before the interrupt are kept.
+    assert out.read_text(encoding="utf-8") == "previous output\n"
+    kept = [json.loads(line) for line in (tmp_path / "out.jsonl.partial").read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in kept] == [0, 1, 2, 3, 4, 5]
+    # The same command resumes after them: only the last 4 rows are scored, and the result is an uninterrupted run's.
+    resumed = InterruptAfter(scorer, calls=0)
+    summary = score_file(resumed, data, out, chunk_rows=3, show_progress=False)
+    assert resumed.seen == [3, 1] and summary["resumed"] == 6 and summary["rows"] == 10
+    written = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    rows = _file_rows(10)
+    expected = scorer.score([r["prompt"] for r in rows], [r["reference"] for r in rows], [r["output"] for r in rows])
+    assert [r["id"] for r in written] == list(range(10))
+    assert [r["reward"] for r in written] == pytest.approx(expected, abs=1e-5)
+    assert not (tmp_path / "out.jsonl.partial").exists()
+
+
+def test_score_file_checks_the_output_before_any_work(tmp_path, tiny_qwen2_rm_dir):
+    data = tmp_path / "in.jsonl"
+    original = "".join(json.dumps(r) + "\n" for r in _file_rows(2))
+    data.write_text(original, encoding="utf-8")
+    never = InterruptAfter(None, calls=1)  # would raise if anything were scored
+    with pytest.raises(ValueError, match=r"in.jsonl is also the input; writing it would destroy the input"):
+        score_file(never, data, data)
+    assert data.read_text(encoding="utf-8") == original
+    with pytest.raises(ValueError, match=r"is a folder; the output is a file"):
+        score_file(never, data, tmp_path)
+    assert never.seen == []

@@ -12,6 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
+from .atomic import check_destination
+
 app = typer.Typer(
     name="trl-polar",
     help="POLAR reward models for TRL: format inputs, train, score, serve.",
@@ -222,8 +224,9 @@ def evaluate(
 
     if (model is None) == (url is None):
         raise CLIError("Pass exactly one of --model (score locally) or --url (score with a server).")
+    check_destination(out, inputs=[data] if Path(data).exists() else [], directory=True)
     if model is not None:
-        from .scoring import PolarScorer
+        from .scorer import PolarScorer
 
         scorer = PolarScorer(model, max_tokens_per_batch=max_tokens_per_batch, dtype="auto", show_progress=True)
     else:
@@ -275,7 +278,7 @@ def score(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: this rank's).")] = None,
 ) -> None:
     """Score a JSON-lines file with a POLAR reward model, with a progress bar."""
-    from .scoring import score_file
+    from .score_file import ScoringInterrupted, score_file
 
     if (model is None) == (url is None):
         raise CLIError("Pass exactly one of --model (score locally) or --url (score with a server).")
@@ -285,18 +288,22 @@ def score(
         scorer: Any = PolarClient(url=url)
     else:
         scorer = model
-    summary = score_file(
-        scorer,
-        data,
-        output,
-        prompt_column=prompt_column,
-        reference_column=reference_column,
-        candidate_column=candidate_column,
-        max_tokens_per_batch=max_tokens_per_batch,
-        device=device,
-        dtype=dtype,
-        show_progress=True,
-    )
+    try:
+        summary = score_file(
+            scorer,
+            data,
+            output,
+            prompt_column=prompt_column,
+            reference_column=reference_column,
+            candidate_column=candidate_column,
+            max_tokens_per_batch=max_tokens_per_batch,
+            device=device,
+            dtype=dtype,
+            show_progress=True,
+        )
+    except ScoringInterrupted as interrupted:
+        typer.echo(f"Error: {interrupted}", err=True)
+        raise typer.Exit(130) from None
     typer.echo(json.dumps(summary))
 
 

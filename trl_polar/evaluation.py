@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .scorer import Scorer
 
+from .atomic import atomic_write, write_text
+
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("pairwise", "best_of_n", "rmb")
@@ -195,13 +197,18 @@ def _per_category(rows: list[dict[str, Any]], correct: list[bool], column: str |
     return {k: {"rows": len(v), "accuracy": sum(v) / len(v)} for k, v in by_category.items()}
 
 
+def _save(fig: Any, path: Path) -> None:
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, dpi=120, format="png")
+
+
 def write_report(report: EvaluationReport, out_dir: str | os.PathLike, plots: bool = True) -> dict[str, str]:
     """Write report.json, summary.md and (with matplotlib) PNG plots to `out_dir`; return the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {"json": str(out / "report.json"), "markdown": str(out / "summary.md")}
-    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-    (out / "summary.md").write_text(report.to_markdown(), encoding="utf-8")
+    write_text(out / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    write_text(out / "summary.md", report.to_markdown())
     if not plots:
         return written
     try:
@@ -220,7 +227,7 @@ def write_report(report: EvaluationReport, out_dir: str | os.PathLike, plots: bo
     ax.set_title(f"Scores per rank ({report.protocol}, accuracy {report.accuracy:.3f})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "scores_by_rank.png", dpi=120)
+    _save(fig, out / "scores_by_rank.png")
     plt.close(fig)
     written["scores_by_rank"] = str(out / "scores_by_rank.png")
     if report.per_category:
@@ -231,7 +238,7 @@ def write_report(report: EvaluationReport, out_dir: str | os.PathLike, plots: bo
         ax.set_ylabel("accuracy")
         ax.tick_params(axis="x", rotation=45)
         fig.tight_layout()
-        fig.savefig(out / "accuracy_by_category.png", dpi=120)
+        _save(fig, out / "accuracy_by_category.png")
         plt.close(fig)
         written["accuracy_by_category"] = str(out / "accuracy_by_category.png")
     return written

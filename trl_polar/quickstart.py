@@ -196,9 +196,11 @@ def _train_and_evaluate(train_rows, eval_rows, out: Path, config: QuickstartConf
 
 
 def _write_summary(summary: dict[str, Any], out: Path) -> None:
-    (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    from .atomic import write_text
+
+    write_text(out / "report.json", json.dumps(summary, indent=2) + "\n")
     table = _table(summary)
-    (out / "summary.md").write_text(table + "\n" + "```\n" + REAL_SCALE + "```\n", encoding="utf-8")
+    write_text(out / "summary.md", table + "\n" + "```\n" + REAL_SCALE + "```\n")
     print("\n" + table)
     print(f"\nReport: {out / 'report.json'}, {out / 'summary.md'}, plots in {out / 'evaluation'}\n")
     print(REAL_SCALE)

@@ -1,4 +1,9 @@
-"""`score_file`: score a file of (prompt, reference, candidate) rows and write every row back with its reward."""
+"""`score_file`: score a file of (prompt, reference, candidate) rows and write every row back with its reward.
+
+Rows are scored in chunks; each scored chunk is appended to ``OUTPUT.partial`` beside the output, and the output
+appears, whole, only once every row is scored. An interrupted run (Ctrl-C, a crash) keeps the rows scored so far
+there, and the same command resumes after them.
+"""
 
 from __future__ import annotations
 
@@ -6,47 +11,65 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from .scorer import DEFAULT_MAX_TOKENS_PER_BATCH, PolarScorer, Scorer
+from .atomic import atomic_write, check_destination
+from .scorer import DEFAULT_MAX_TOKENS_PER_BATCH, EncodeError, PolarScorer, Scorer
 
 logger = logging.getLogger(__name__)
 
 CANDIDATE_COLUMNS = ("output", "candidate", "completion", "response")
 
 
-def _detect_column(row: dict, wanted: str | None, candidates: Sequence[str], role: str, line: int) -> str:
+def _detect_column(row: dict, wanted: str | None, path: str | os.PathLike, line: int) -> str:
     if wanted is not None:
         if wanted not in row:
             raise ValueError(
-                f"Line {line} has no {role} column {wanted!r} (it has {sorted(row)}). Pass the right column name."
+                f"{path}:{line} has no candidate column {wanted!r} (it has {sorted(row)}). Pass the right column name."
             )
         return wanted
-    for name in candidates:
+    for name in CANDIDATE_COLUMNS:
         if name in row:
             return name
     raise ValueError(
-        f"Line {line} has none of the {role} columns {list(candidates)} (it has {sorted(row)}). Name the column "
-        "explicitly."
+        f"{path}:{line} has none of the candidate columns {list(CANDIDATE_COLUMNS)} (it has {sorted(row)}). Name the "
+        "column with --candidate-column."
     )
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Rows of a JSON-lines file; blank lines are skipped, a malformed line is an error naming it."""
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, row) of a JSON-lines file; blank lines are skipped, a malformed line is an error naming it."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{path}:{line_no} is not UTF-8 ({err.reason}). Re-encode the file as UTF-8."
+                ) from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no} is not valid JSON ({err.msg}). Fix or remove that line.") from err
+                raise ValueError(f"{path}:{line_no} is not valid JSON ({err.msg}). Fix or remove that line.") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{line_no} must be a JSON object, got {type(row).__name__}.")
-            rows.append(row)
+            rows.append((line_no, row))
     return rows
+
+
+class ScoringInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `score_file`; the rows scored so far are kept in ``partial`` and a rerun resumes after them."""
+
+    def __init__(self, done: int, total: int, partial: Path) -> None:
+        super().__init__(
+            f"Interrupted after {done} of {total} rows; their scores are kept in {partial}. Run the same command "
+            "again to resume after them."
+        )
+        self.done, self.total, self.partial = done, total, partial
 
 
 def score_file(
@@ -63,42 +86,52 @@ def score_file(
     device: str | None = None,
     dtype: str | None = None,
     show_progress: bool = True,
+    chunk_rows: int = 1024,
 ) -> dict[str, Any]:
     """Score a JSON-lines file of (prompt, reference, candidate) rows and write each row back with its reward.
 
     The candidate column defaults to the first of "output" (the official client's name), "candidate", "completion"
-    and "response" that the first row has. A row may carry its own "wrapper". Returns a summary
-    ``{"rows", "mean", "min", "max", "output"}``.
+    and "response" that the first row has. A row may carry its own "wrapper". The output is checked before any
+    work and written atomically; Ctrl-C raises `ScoringInterrupted` and keeps the scored rows for a rerun (see the
+    module docstring). Returns a summary ``{"rows", "mean", "min", "max", "output", "resumed"}``.
     """
-    scorer = (
-        model
-        if isinstance(model, Scorer)
-        else PolarScorer(
-            model, max_tokens_per_batch=max_tokens_per_batch, device=device, dtype=dtype, show_progress=show_progress
-        )
-    )
+    check_destination(output_path, inputs=[data_path])
     rows = read_jsonl(data_path)
     if not rows:
         raise ValueError(f"{data_path} has no rows. Write one JSON object per line with prompt, reference, output.")
-    candidate_column = _detect_column(rows[0], candidate_column, CANDIDATE_COLUMNS, "candidate", 1)
-    prompts, references, candidates, wrappers = [], [], [], []
-    for line, row in enumerate(rows, start=1):
-        for column in (prompt_column, reference_column, candidate_column):
-            if row.get(column) is None:
-                raise ValueError(
-                    f"{data_path}: row {line} has no {column!r} value (it has {sorted(row)}). Every row needs "
-                    f"{prompt_column!r}, {reference_column!r} and {candidate_column!r}."
-                )
-        prompts.append(row[prompt_column])
-        references.append(row[reference_column])
-        candidates.append(row[candidate_column])
-        wrappers.append(row.get("wrapper", wrapper))
-    # One wrapper for the whole file is what every scorer takes; per-row wrappers go through as a list.
-    rewards = scorer.score(prompts, references, candidates, wrappers[0] if len(set(wrappers)) == 1 else wrappers)
-    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-    with open(output_path, "w", encoding="utf-8") as f:
-        for row, reward in zip(rows, rewards, strict=True):
-            f.write(json.dumps({**row, output_column: reward}, ensure_ascii=False) + "\n")
+    columns = (prompt_column, reference_column, _detect_column(rows[0][1], candidate_column, data_path, rows[0][0]))
+    for line, row in rows:
+        missing = [column for column in columns if row.get(column) is None]
+        if missing:
+            raise ValueError(
+                f"{data_path}:{line} has no {missing[0]!r} value (it has {sorted(row)}). Every row needs "
+                f"{', '.join(map(repr, columns))}."
+            )
+    scorer = (
+        model
+        if isinstance(model, Scorer)
+        else PolarScorer(model, max_tokens_per_batch=max_tokens_per_batch, device=device, dtype=dtype)
+    )
+    partial = Path(f"{output_path}.partial")
+    done = _resume(partial, [row for _, row in rows], output_column)
+    bar = _progress(len(rows), done, show_progress)
+    with open(partial, "a" if done else "w", encoding="utf-8") as sink:
+        for start in range(done, len(rows), chunk_rows):
+            chunk = rows[start : start + chunk_rows]
+            try:
+                rewards = _score_chunk(scorer, chunk, columns, wrapper, data_path)
+            except KeyboardInterrupt:
+                bar.close()
+                raise ScoringInterrupted(start, len(rows), partial) from None
+            sink.writelines(json.dumps({**row, output_column: r}, ensure_ascii=False) + "\n" for (_, row), r in
+                            zip(chunk, rewards, strict=True))  # fmt: skip
+            sink.flush()
+            os.fsync(sink.fileno())
+            bar.update(len(chunk))
+    bar.close()
+    os.replace(partial, output_path)
+    with open(output_path, encoding="utf-8") as f:
+        rewards = [json.loads(line)[output_column] for line in f]
     finite = [r for r in rewards if r is not None and math.isfinite(r)]
     return {
         "rows": len(rows),
@@ -106,4 +139,46 @@ def score_file(
         "min": min(finite, default=float("nan")),
         "max": max(finite, default=float("nan")),
         "output": str(output_path),
+        "resumed": done,
     }
+
+
+def _score_chunk(scorer: Scorer, chunk, columns: tuple[str, str, str], wrapper: str, data_path) -> list[float]:
+    prompts, references, candidates = ([row[c] for _, row in chunk] for c in columns)
+    wrappers = [row.get("wrapper", wrapper) for _, row in chunk]
+    try:
+        # One wrapper for the whole chunk is what every scorer takes; per-row wrappers go through as a list.
+        return scorer.score(prompts, references, candidates, wrappers[0] if len(set(wrappers)) == 1 else wrappers)
+    except EncodeError as err:
+        raise ValueError(f"{data_path}:{chunk[err.index][0]}: {err.reason}") from None
+
+
+def _resume(partial: Path, rows: list[dict], output_column: str) -> int:
+    """How many leading rows ``partial`` already holds, scored; 0 (and it is started over) if it is not ours."""
+    if not partial.exists():
+        return 0
+    done = 0
+    with open(partial, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line cut by the interruption: everything before it stands
+            if done >= len(rows) or {k: v for k, v in row.items() if k != output_column} != rows[done]:
+                logger.warning("%s does not hold scores of this input; scoring from the start.", partial)
+                return 0
+            done += 1
+    if done:
+        # Drop a cut last line so that appending continues on a clean line.
+        with open(partial, encoding="utf-8") as f:
+            kept = [next(f) for _ in range(done)]
+        with atomic_write(partial) as f:
+            f.writelines(kept)
+        logger.warning("Resuming after %d of %d rows already scored in %s.", done, len(rows), partial)
+    return done
+
+
+def _progress(total: int, done: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc="POLAR scoring", unit="row", disable=not enabled)
