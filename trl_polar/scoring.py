@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from .hub import default_device
+from .hub import resolve_dtype as _resolve_dtype
 from .segment_attention import Segment, SegmentLayout, segment_forward
 from .template import PolarTemplate, Text, common_prefix_length, flatten
 
@@ -62,40 +64,6 @@ class MicroBatch:
     def tokens(self) -> int:
         """Positions the pass runs: the row's tokens, or rows x padded length for a plain batch."""
         return self.length if self.kind == "row" else len(self.indices) * self.length
-
-
-def _resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    names = {
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-        "fp32": torch.float32,
-        "float32": torch.float32,
-    }
-    if dtype not in names:
-        raise ValueError(f"`dtype` must be a torch.dtype, 'auto' or one of {sorted(names)}, got {dtype!r}.")
-    return names[dtype]
-
-
-def default_device() -> torch.device:
-    """This process's device: its accelerate rank's device once accelerate is set up, else cuda:LOCAL_RANK or CPU.
-
-    accelerate's state is only read, never created here: the first `PartialState()` of a process fixes its
-    distributed type, and one created without ``cpu=True`` before the trainer's would make every CPU rank train alone.
-    """
-    from accelerate import PartialState
-
-    if PartialState._shared_state != {}:
-        return PartialState().device
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 class EncodeError(ValueError):

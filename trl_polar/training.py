@@ -1,4 +1,7 @@
-"""One function that runs a POLAR training job end to end; the CLI and the example script call it."""
+"""The command line of a training run: its arguments, flags over a YAML file, and the run's first and last calls.
+
+The training itself is `trl_polar.trainer.train_from_config`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import PolarConfig
-from .data_loading import load_preference_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ def parse_train_args(argv: Sequence[str], config_file: str | None = None) -> tup
 
 def run_training(script: TrainArguments, config: PolarConfig) -> Any:
     """Train with parsed arguments (the CLI and examples/train_polar.py both end here)."""
+    from .trainer import lora_config, train_from_config
+
     peft = lora_config(script.lora_r, script.lora_alpha, script.lora_dropout) if script.use_peft else None
     return train_from_config(
         config,
@@ -72,52 +76,6 @@ def run_training(script: TrainArguments, config: PolarConfig) -> Any:
         eval_split=script.eval_split,
         peft_config=peft,
     )
-
-
-def lora_config(
-    r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: str | list[str] = "all-linear"
-) -> Any:
-    """A `peft.LoraConfig` for reward models: task type SEQ_CLS, so the value head trains with the adapters."""
-    from peft import LoraConfig
-
-    return LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
-
-
-def train_from_config(
-    config: PolarConfig,
-    model: str,
-    train_data: str,
-    eval_data: str | None = None,
-    *,
-    train_split: str = "train",
-    eval_split: str = "train",
-    peft_config: Any = None,
-) -> Any:
-    """Load the data, train, save the final model to ``config.output_dir`` and return the trainer.
-
-    Args:
-        config: the training configuration; ``resume_from_checkpoint`` is honoured.
-        model: hub name or local path of the backbone (causal LM) or of a POLAR reward model to fine-tune.
-        train_data, eval_data: see `trl_polar.data_loading.load_preference_dataset`.
-        train_split, eval_split: splits to load (a single local file is the 'train' split).
-        peft_config: e.g. `lora_config()`; trains adapters and the value head.
-
-    Works unchanged under ``accelerate launch`` (DDP, DeepSpeed ZeRO-2/3): every rank calls it, and saving is
-    collective.
-    """
-    from .trainer import PolarRewardTrainer
-
-    train_dataset = load_preference_dataset(train_data, train_split)
-    eval_dataset = load_preference_dataset(eval_data, eval_split) if eval_data else None
-    trainer = PolarRewardTrainer(
-        model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset, peft_config=peft_config
-    )
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    # Every rank must call save_model: under ZeRO-3 it gathers the sharded weights collectively.
-    trainer.save_model(config.output_dir)
-    if trainer.is_world_process_zero():
-        logger.info("Saved the POLAR reward model to %s", config.output_dir)
-    return trainer
 
 
 def finish_run(accelerator: Any) -> None:
