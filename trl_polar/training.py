@@ -43,16 +43,7 @@ def parse_train_args(argv: Sequence[str], config_file: str | None = None) -> tup
     """Flags over a YAML file: values in `config_file` become defaults that flags in `argv` override."""
     parser = train_parser()
     if config_file is not None:
-        import yaml
-
-        with open(config_file, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{config_file}: expected a mapping of field: value, got {type(values).__name__}.")
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{config_file}: unknown field(s) {unknown}; `trl-polar train --help` lists every field.")
+        values = read_config_file(config_file, {action.dest: action for action in parser._actions})
         parser.set_defaults(**values)
         # A value in the file satisfies a field that is otherwise required on the command line.
         for action in parser._actions:
@@ -60,6 +51,57 @@ def parse_train_args(argv: Sequence[str], config_file: str | None = None) -> tup
                 action.required = False
     script, config = parser.parse_args_into_dataclasses(args=list(argv))
     return script, config
+
+
+def read_config_file(path: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """The ``field: value`` mapping of a YAML config file, checked against the parser's `fields` (dest -> action).
+
+    Every error is one line naming the file and the line (1-based) and saying what to change.
+    """
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(
+            f"{where}: not valid YAML ({problem}). Write one `field: value` per line, unindented, and quote values "
+            "that contain ': ' or ' #'."
+        ) from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}:1: expected a mapping of field: value, got {type(values).__name__}.")
+    lines = {key.value: key.start_mark.line + 1 for key, _ in (node.value if node is not None else ())}
+    unknown = sorted(set(values) - set(fields), key=lambda name: lines.get(name, 0))
+    if unknown:
+        raise ValueError(
+            f"{path}:{lines.get(unknown[0], 1)}: unknown field(s) {unknown}; `trl-polar train --help` lists every "
+            "field."
+        )
+    for name, value in values.items():
+        _check_value(fields[name], value, f"{path}:{lines.get(name, 1)}")
+    return values
+
+
+def _check_value(action: Any, value: Any, where: str) -> None:
+    # argparse converts a string default only when it parses the command line, and then blames a flag the user did
+    # not type: check the file's values here, where the line is known.
+    items = value if isinstance(value, list) and action.nargs in ("+", "*") else [value]
+    for item in items:
+        if isinstance(item, str) and callable(action.type):
+            try:
+                item = action.type(item)
+            except (TypeError, ValueError):
+                kind = getattr(action.type, "__name__", "value")
+                raise ValueError(f"{where}: `{action.dest}: {value}` is not a valid {kind}; fix the value.") from None
+        if action.choices is not None and item is not None and item not in action.choices:
+            choices = ", ".join(str(c) for c in action.choices)
+            hint = " (quote words YAML reads as booleans: 'no', 'off')" if isinstance(item, bool) else ""
+            raise ValueError(f"{where}: `{action.dest}: {value}` is not one of {choices}; use one of them{hint}.")
 
 
 def run_training(script: TrainArguments, config: PolarConfig) -> Any:
