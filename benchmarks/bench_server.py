@@ -187,7 +187,7 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    from trl_polar.scoring import PolarScorer
+    from trl_polar.scorer import PolarScorer
 
     torch.manual_seed(args.seed)
     workdir = tempfile.mkdtemp(prefix="bench_server_")

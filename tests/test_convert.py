@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from trl_polar.convert import convert_checkpoint, load_internlm2_reward_model, split_wqkv
-from trl_polar.modeling import load_reward_model
+from trl_polar.checkpoints import convert_checkpoint, load_internlm2_reward_model, split_wqkv
+from trl_polar.modeling import load_reward_model, prepare_reward_model
 from trl_polar.template import PolarTemplate
 
 
@@ -85,13 +87,15 @@ def test_load_reward_model_converts_official_checkpoints_in_memory(shared_fixtur
         assert model(input_ids=torch.tensor([case["input_ids"]])).logits[0, 0].item() == pytest.approx(
             case["score"], abs=1e-4
         )
-    with pytest.raises(ValueError, match="Refusing to run the remote code"):
-        load_reward_model(shared_fixtures / "internlm2_reward_tiny", trust_remote_code=True)
+    # Training decides by the same rule (PolarConfig.trust_remote_code reaches prepare_reward_model).
+    for load in (load_reward_model, prepare_reward_model):
+        with pytest.raises(ValueError, match="Refusing to run the remote code"):
+            load(shared_fixtures / "internlm2_reward_tiny", trust_remote_code=True)
 
 
 def test_scorer_on_official_checkpoint_matches_upstream_scores(shared_fixtures, reference):
     """PolarScorer's unpadded rows and shared prefixes reproduce the upstream scores of the official architecture."""
-    from trl_polar.scoring import PolarScorer
+    from trl_polar.scorer import PolarScorer
 
     model, template = load_reward_model(
         shared_fixtures / "internlm2_reward_tiny", tokenizer=str(shared_fixtures / "bpe_tokenizer_with_bos")
@@ -109,3 +113,22 @@ def test_scorer_on_official_checkpoint_matches_upstream_scores(shared_fixtures, 
 def test_a_tokenizer_of_another_model_is_refused(tmp_path, shared_fixtures, tiny_tokenizer_dir):
     with pytest.raises(ValueError, match="does not belong to this checkpoint"):
         convert_checkpoint(shared_fixtures / "internlm2_reward_tiny", tmp_path / "bad", tokenizer=tiny_tokenizer_dir)
+
+
+def test_convert_command_takes_every_dtype_name(tmp_path, shared_fixtures):
+    def convert(dtype: str) -> subprocess.CompletedProcess:
+        src, tokenizer = shared_fixtures / "internlm2_reward_tiny", shared_fixtures / "bpe_tokenizer_with_bos"
+        args = ["convert", str(src), str(tmp_path / dtype), "--tokenizer", str(tokenizer), "--dtype", dtype]
+        return subprocess.run(
+            [sys.executable, "-m", "trl_polar.cli", *args], capture_output=True, text=True, timeout=120
+        )
+
+    out = convert("half")
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        "Error: `--dtype` must be 'auto', one of 'bf16', 'bfloat16', 'fp16', 'float16', 'fp32', 'float32' or a "
+        "torch.dtype, got 'half'. 'auto' is bfloat16 on a GPU that supports it and float32 elsewhere."
+    ]
+    assert convert("bf16").returncode == 0
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert model.score.weight.dtype == torch.bfloat16

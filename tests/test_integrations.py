@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import trl_polar.integrations as integrations
-from trl_polar.scoring import PolarScorer
+from trl_polar.scorer import PolarScorer
 
 
 def _load_by_path(module, name):

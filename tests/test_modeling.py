@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from trl_polar.hub import allow_remote_code, resolve_dtype
 from trl_polar.modeling import add_polar_tokens, load_reward_model, prepare_reward_model, value_head
 from trl_polar.template import PolarTemplate
 
@@ -102,6 +103,27 @@ def test_load_reward_model_overrides_and_dtype(tiny_qwen2_rm_dir):
     model, template = load_reward_model(tiny_qwen2_rm_dir, dtype=torch.bfloat16, max_length=128)
     assert template.max_length == 128
     assert value_head(model).weight.dtype == torch.bfloat16
+
+
+def test_one_dtype_mapping_for_every_entry_point(tiny_qwen2_lm_dir):
+    for names, dtype in [(("bf16", "bfloat16"), torch.bfloat16), (("fp16", "float16"), torch.float16)]:
+        assert [resolve_dtype(n) for n in names] == [dtype, dtype]
+    assert resolve_dtype("fp32") == resolve_dtype("float32") == resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype(None) is None and resolve_dtype(torch.float16) == torch.float16
+    accepted = "'auto', one of 'bf16', 'bfloat16', 'fp16', 'float16', 'fp32', 'float32' or a torch.dtype, got 'half'"
+    with pytest.raises(ValueError, match=f"^`--dtype` must be {accepted}"):
+        resolve_dtype("half", name="--dtype")
+    # Training's loader takes the same names (TRL's model_init_kwargs once accepted only torch attribute names).
+    model, _ = prepare_reward_model(tiny_qwen2_lm_dir, dtype="bf16")
+    assert value_head(model).weight.dtype == torch.bfloat16
+
+
+def test_one_remote_code_rule(tmp_path, tiny_qwen2_rm_dir):
+    # A model's code runs only on request; a tokenizer that ships as code (an auto_map) runs it.
+    assert not allow_remote_code(tiny_qwen2_rm_dir) and allow_remote_code(tiny_qwen2_rm_dir, True)
+    assert not allow_remote_code(tiny_qwen2_rm_dir, tokenizer=True)
+    (tmp_path / "tokenizer_config.json").write_text('{"auto_map": {"AutoTokenizer": ["tokenization_x.XTokenizer"]}}')
+    assert allow_remote_code(tmp_path, tokenizer=True)
 
 
 def test_a_model_directory_without_tokenizer_says_how_to_fix(tmp_path, tiny_qwen2_rm_dir):

@@ -21,7 +21,7 @@ pytest.importorskip("uvicorn")
 
 from serving_helpers import API_KEY, HOST, RawHTTP, start_servers  # noqa: E402
 
-from trl_polar.scoring import PolarScorer  # noqa: E402
+from trl_polar.scorer import PolarScorer  # noqa: E402
 from trl_polar.server import Batcher  # noqa: E402
 from trl_polar.template import PolarTemplate, flatten  # noqa: E402
 

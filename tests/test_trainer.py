@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from transformers import AutoModelForSequenceClassification
 from trl_polar.config import PolarConfig
 from trl_polar.template import PolarTemplate
 from trl_polar.trainer import PolarRewardTrainer
+from trl_polar.training import parse_train_args
 
 FAST = {
     "use_cpu": True,
@@ -236,6 +239,41 @@ def test_only_sliding_window_models_fall_back_to_packed(tmp_path, tiny_qwen2_rm_
     assert PolarRewardTrainer._resolve_batching(model, _config(tmp_path)) == "shared_prefix"
     model.config.layer_types = ["sliding_attention", "full_attention"]
     assert PolarRewardTrainer._resolve_batching(model, _config(tmp_path)) == "packed"
+
+
+def test_a_config_file_with_a_yaml_syntax_error_is_one_line_naming_file_and_line(tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text("model_name_or_path: m\ntrain_data: d.jsonl\noutput_dir: out\n  use_cpu: true\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "trl_polar.cli", "train", "--config", str(config)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines() == [
+        f"Error: {config}:4:10: not valid YAML (mapping values are not allowed here). Write one `field: value` per "
+        "line, unindented, and quote values that contain ': ' or ' #'."
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("learning_rate: fast", "`learning_rate: fast` is not a valid float; fix the value."),
+        ("batching: sideways", "`batching: sideways` is not one of padded, packed, shared_prefix; use one of them."),
+        (
+            "save_strategy: no",
+            "`save_strategy: False` is not one of no, steps, epoch, best; use one of them (quote words YAML reads as "
+            "booleans: 'no', 'off').",
+        ),
+        ("learning_rat: 0.1", "unknown field(s) ['learning_rat']; `trl-polar train --help` lists every field."),
+    ],
+)
+def test_a_bad_value_in_a_config_file_names_file_and_line(tmp_path, line, message):
+    config = tmp_path / "train.yaml"
+    config.write_text(f"model_name_or_path: m\ntrain_data: d.jsonl\n{line}\noutput_dir: out\n")
+    with pytest.raises(ValueError) as info:
+        parse_train_args([], str(config))
+    assert str(info.value) == f"{config}:3: {message}"
 
 
 @pytest.mark.parametrize(

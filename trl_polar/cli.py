@@ -155,15 +155,11 @@ def convert(
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: as stored).")] = None,
 ) -> None:
     """Convert an official InternLM2 POLAR checkpoint to a Llama reward model that needs no remote code."""
-    import torch
+    from .checkpoints import convert_checkpoint
+    from .hub import resolve_dtype
 
-    from .convert import convert_checkpoint
-
-    torch_dtype = None
-    if dtype is not None:
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise CLIError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}.")
-        torch_dtype = getattr(torch, dtype)
+    # Conversion runs on the CPU, so "auto" is float32 here.
+    torch_dtype = resolve_dtype(dtype, "cpu", name="--dtype")
     path = convert_checkpoint(src, out, tokenizer=tokenizer, dtype=torch_dtype)
     typer.echo(f"Wrote {path}: load it with AutoModelForSequenceClassification.from_pretrained({str(path)!r}).")
 

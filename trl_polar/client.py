@@ -162,7 +162,7 @@ def _load_template(template: Any) -> PolarTemplate:
         path = str(template)
         if os.path.isfile(os.path.join(path, "config.json")):
             return PolarTemplate.from_pretrained(path)
-        from .template import load_tokenizer
+        from .hub import load_tokenizer
 
         return PolarTemplate(load_tokenizer(path))
     raise ValueError(

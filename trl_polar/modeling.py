@@ -14,14 +14,8 @@ from typing import Any
 
 import torch
 
-from .template import (
-    CONFIG_KEY,
-    DEFAULT_REWARD_TOKEN,
-    DEFAULT_SEPARATOR,
-    PolarTemplate,
-    is_internlm2_checkpoint,
-    load_tokenizer,
-)
+from .hub import load_classifier, load_tokenizer, resolve_dtype
+from .template import CONFIG_KEY, DEFAULT_REWARD_TOKEN, DEFAULT_SEPARATOR, PolarTemplate
 
 logger = logging.getLogger(__name__)
 
@@ -97,29 +91,10 @@ def zero_init_value_head(model: Any) -> None:
             param.zero_()
 
 
-def _load_classifier(path: str, trust_remote_code: bool = False, **kwargs: Any) -> tuple[Any, bool]:
-    """A one-label sequence-classification model from `path`, and whether its value head is new.
-
-    Official InternLM2 checkpoints are converted in memory (`trl_polar.convert`) instead of running their remote
-    code, which scores wrongly on transformers 5 (an uninitialised rotary buffer).
-    """
-    from transformers import AutoModelForSequenceClassification
-
-    if is_internlm2_checkpoint(path):
-        if trust_remote_code:
-            raise ValueError(
-                f"Refusing to run the remote code of {path!r}: on transformers 5 it loads but gives wrong scores "
-                "(its rotary inv_freq buffer is left uninitialised). Leave trust_remote_code off: trl_polar converts "
-                "the checkpoint to a standard Llama reward model in memory, with identical scores."
-            )
-        from .convert import load_internlm2_reward_model
-
-        return load_internlm2_reward_model(path, dtype=kwargs.get("dtype")), False
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, output_loading_info=True, trust_remote_code=trust_remote_code, **kwargs
-    )
-    fresh_head = any(key.split(".")[0] in _HEAD_NAMES for key in info.get("missing_keys", ()))
-    return model, fresh_head
+def _load_classifier(path: str, **kwargs: Any) -> tuple[Any, bool]:
+    """`trl_polar.hub.load_classifier`, and whether the value head is new (a causal-LM checkpoint has none)."""
+    model, missing = load_classifier(path, **kwargs)
+    return model, any(key.split(".")[0] in _HEAD_NAMES for key in missing)
 
 
 def prepare_reward_model(
@@ -142,18 +117,22 @@ def prepare_reward_model(
         tokenizer: the tokenizer; loaded from the same place when omitted.
         zero_init_head: zero a newly created value head (upstream's choice).
         separator, reward_token, template_kwargs: template parameters recorded in the model's config.
-        model_kwargs: passed to ``AutoModelForSequenceClassification.from_pretrained`` (``dtype``, ...).
+        model_kwargs: passed to ``AutoModelForSequenceClassification.from_pretrained`` (``dtype``,
+            ``trust_remote_code``, ...). A dtype name means what `trl_polar.hub.resolve_dtype` says, except "auto",
+            which keeps transformers' meaning here (the checkpoint's own dtype), as TRL's ``model_init_kwargs`` do.
 
     Returns:
         ``(model, tokenizer)``.
     """
-
     fresh_head = False
     if isinstance(model_or_path, (str, os.PathLike)):
         path = str(model_or_path)
+        dtype = model_kwargs.get("dtype")
+        if dtype is not None and dtype != "auto":
+            model_kwargs["dtype"] = resolve_dtype(dtype)
         model, fresh_head = _load_classifier(path, **model_kwargs)
         if tokenizer is None:
-            tokenizer = load_tokenizer(path)
+            tokenizer = load_tokenizer(path, trust_remote_code=model_kwargs.get("trust_remote_code", False))
     else:
         model = model_or_path
         if getattr(getattr(model, "config", None), "num_labels", None) != 1 or not _has_head(model):
@@ -166,7 +145,11 @@ def prepare_reward_model(
             tokenizer = load_tokenizer(model.config._name_or_path)
     if fresh_head and zero_init_head:
         zero_init_value_head(model)
-    add_polar_tokens(tokenizer, model, separator=separator, reward_token=reward_token, **(template_kwargs or {}))
+    from accelerate.utils import is_peft_model
+
+    # A PEFT model cannot have its embeddings resized here: the tokens must already be in the tokenizer.
+    target = None if is_peft_model(model) else model
+    add_polar_tokens(tokenizer, target, separator=separator, reward_token=reward_token, **(template_kwargs or {}))
     return model, tokenizer
 
 
@@ -194,18 +177,20 @@ def load_reward_model(
 
     Args:
         path: a local directory or a hub name.
-        device, dtype: where and in which precision to put the model.
+        device, dtype: where and in which precision to put the model (dtype: see `trl_polar.hub.resolve_dtype`).
         tokenizer: a tokenizer (or its path) to use instead of the one stored with the model.
-        trust_remote_code: allow remote modeling code for checkpoints that need it (never for InternLM2).
+        trust_remote_code: allow remote code for checkpoints that need it (never for InternLM2: see
+            `trl_polar.hub.allow_remote_code`).
         template_overrides: template parameters that replace the recorded ones.
     """
     path = str(path)
+    dtype = resolve_dtype(dtype, device)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     model, fresh_head = _load_classifier(path, trust_remote_code=trust_remote_code, **kwargs)
     if fresh_head:
         logger.warning("%s has no trained value head: its scores are meaningless until it is trained.", path)
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = load_tokenizer(str(tokenizer) if tokenizer is not None else path)
+        tokenizer = load_tokenizer(str(tokenizer) if tokenizer is not None else path, trust_remote_code)
     recorded = dict(getattr(model.config, CONFIG_KEY, None) or {})
     recorded.update(template_overrides)
     template = add_polar_tokens(tokenizer, model, **recorded)

@@ -29,6 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from .checks import check_positive_int
+from .hub import default_device, resolve_dtype
 from .packing import Unit, group_units, lay_out, pack_padded, pack_summed
 from .segment_attention import SegmentLayout, segment_forward
 from .template import PolarTemplate, Text, flatten
@@ -67,40 +68,6 @@ class MicroBatch:
     def tokens(self) -> int:
         """Positions the pass runs: the row's tokens, or rows x padded length for a plain batch."""
         return self.length if self.kind == "row" else len(self.indices) * self.length
-
-
-def _resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    names = {
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-        "fp32": torch.float32,
-        "float32": torch.float32,
-    }
-    if dtype not in names:
-        raise ValueError(f"`dtype` must be a torch.dtype, 'auto' or one of {sorted(names)}, got {dtype!r}.")
-    return names[dtype]
-
-
-def default_device() -> torch.device:
-    """This process's device: its accelerate rank's device once accelerate is set up, else cuda:LOCAL_RANK or CPU.
-
-    accelerate's state is only read, never created here: the first `PartialState()` of a process fixes its
-    distributed type, and one created without ``cpu=True`` before the trainer's would make every CPU rank train alone.
-    """
-    from accelerate import PartialState
-
-    if PartialState._shared_state != {}:
-        return PartialState().device
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 @runtime_checkable
@@ -179,7 +146,7 @@ class PolarScorer:
     ) -> None:
         check_positive_int("max_tokens_per_batch", max_tokens_per_batch)
         device = torch.device(device) if device is not None else default_device()
-        model, template = _load(model_or_path, template, _resolve_dtype(dtype, device))
+        model, template = _load(model_or_path, template, resolve_dtype(dtype, device))
         self.model = model.to(device).eval()
         self.template = template
         self.device = device

@@ -882,7 +882,7 @@ def serve(
     """
     import uvicorn
 
-    from .scoring import DEFAULT_MAX_TOKENS_PER_BATCH, PolarScorer
+    from .scorer import DEFAULT_MAX_TOKENS_PER_BATCH, PolarScorer
 
     if hasattr(model, "score_ids"):
         scorer = model

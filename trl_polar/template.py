@@ -11,7 +11,6 @@ whole string is tokenized once more (that decode/re-encode round trip is what th
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import OrderedDict
@@ -338,6 +337,9 @@ class PolarTemplate:
             tokenizer: the tokenizer to use; loaded from `path_or_model` when omitted.
             overrides: template parameters that replace the recorded ones.
         """
+        # Imported here: hub brings torch and transformers in, which the format itself does not need.
+        from .hub import load_tokenizer, read_config
+
         if isinstance(path_or_model, (str, os.PathLike)):
             config = read_config(path_or_model)
             source = str(path_or_model)
@@ -357,49 +359,6 @@ class PolarTemplate:
                 raise ValueError("The model has no `name_or_path` to load its tokenizer from; pass `tokenizer=`.")
             tokenizer = load_tokenizer(source)
         return cls(tokenizer, **params)
-
-
-def load_tokenizer(source: str | os.PathLike):
-    """`AutoTokenizer.from_pretrained`, trusting remote code only where the tokenizer is remote code.
-
-    The official InternLM2 (POLAR) tokenizer ships as Python code next to the weights (its tokenizer_config.json
-    has an ``auto_map``); no other tokenizer needs remote code, and none gets it.
-    """
-    from transformers import AutoTokenizer
-
-    remote = False
-    config_file = os.path.join(source, "tokenizer_config.json")
-    if os.path.isdir(source) and not any(
-        name.startswith(("tokenizer", "vocab", "merges")) or name.endswith(".model") for name in os.listdir(source)
-    ):
-        raise ValueError(f"{source} has no tokenizer files; pass `tokenizer=` (a tokenizer or its path or hub name).")
-    if os.path.isfile(config_file):
-        with open(config_file, encoding="utf-8") as f:
-            remote = "auto_map" in json.load(f)
-    elif not os.path.isdir(source):
-        remote = read_config(source).get("model_type") == "internlm2"
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=remote)
-
-
-def read_config(path_or_name: str | os.PathLike) -> dict[str, Any]:
-    """config.json of a local directory or a hub repository, as a dict, without running any remote code."""
-    config_file = os.path.join(path_or_name, "config.json")
-    if not os.path.isfile(config_file):
-        from huggingface_hub import hf_hub_download
-
-        config_file = hf_hub_download(str(path_or_name), "config.json")
-    with open(config_file, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def is_internlm2_checkpoint(path_or_name: str | os.PathLike) -> bool:
-    """Whether a directory or hub repository holds an official InternLM2 checkpoint (which ships remote code)."""
-    if os.path.isdir(path_or_name) and not os.path.isfile(os.path.join(path_or_name, "config.json")):
-        return False
-    try:
-        return read_config(path_or_name).get("model_type") == "internlm2"
-    except Exception:  # unreachable or unknown names: let from_pretrained raise its own, fuller error
-        return False
 
 
 def common_prefix_length(*sequences: Sequence[int]) -> int:

@@ -8,6 +8,8 @@ What changes against `trl.RewardTrainer`:
   `PolarTemplate`; long rows are truncated the POLAR way (never dropped) and counted;
 - the batch: padded (TRL's layout), packed, or shared-prefix (`PolarDataCollator`);
 - the loss: Bradley–Terry (with TRL's margin and centering) or listwise Plackett–Luce (`trl_polar.losses`).
+
+`train_from_config` runs a whole job (data, training, saving); the CLI and the example script end there.
 """
 
 from __future__ import annotations
@@ -18,17 +20,17 @@ import os
 from typing import Any
 
 import torch
-from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
-from transformers import AutoTokenizer, set_seed
+from transformers import set_seed
 from trl import RewardTrainer
 from trl.data_utils import get_dataset_column_names
 from trl.trainer.utils import global_then_local_main_first
 
 from .collator import PAIR_COLUMNS, RANKING_COLUMN, PolarDataCollator
 from .config import PolarConfig
+from .data_loading import load_preference_dataset
 from .losses import bradley_terry_loss, plackett_luce_loss, ranking_accuracy
-from .modeling import add_polar_tokens, prepare_reward_model, value_head
+from .modeling import prepare_reward_model, value_head
 from .segment_attention import Segment, SegmentLayout, use_segment_attention
 from .template import PolarTemplate
 
@@ -143,43 +145,26 @@ class PolarRewardTrainer(RewardTrainer):
     # --------------------------------------------------------------------------------------------------- model
     @staticmethod
     def _prepare_model(model: Any, tokenizer: Any, args: PolarConfig, quantization_config: Any) -> tuple[Any, Any]:
-        template_kwargs = args.template_kwargs()
-        tokens = {"separator": args.separator, "reward_token": args.reward_token}
+        kwargs: dict[str, Any] = {}
         if isinstance(model, (str, os.PathLike)):
-            kwargs = dict(args.model_init_kwargs or {})
             # TRL loads in float32 unless told otherwise (transformers 5 would use the checkpoint's dtype).
-            dtype = kwargs.get("dtype", "float32")
-            if isinstance(dtype, str) and dtype != "auto":
-                kwargs["dtype"] = getattr(torch, dtype)
-            kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+            kwargs = {"dtype": "float32", "trust_remote_code": args.trust_remote_code}
+            kwargs.update(args.model_init_kwargs or {})
             if quantization_config is not None:
                 if "quantization_config" in kwargs:
                     raise ValueError(
                         "`quantization_config` is set both as a trainer argument and in model_init_kwargs."
                     )
                 kwargs["quantization_config"] = quantization_config
-            return prepare_reward_model(
-                str(model),
-                tokenizer,
-                zero_init_head=args.zero_init_head,
-                template_kwargs=template_kwargs,
-                **tokens,
-                **kwargs,
-            )
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(model.config._name_or_path)
-        if is_peft_model(model):
-            # A PEFT model cannot have its embeddings resized here: the tokens must already be in the tokenizer.
-            add_polar_tokens(tokenizer, None, **tokens, **template_kwargs)
-            return model, tokenizer
-        if getattr(model.config, "num_labels", None) != 1:
-            raise ValueError(
-                f"`model` must be a one-label sequence-classification model (got num_labels="
-                f"{getattr(model.config, 'num_labels', None)}). Pass the model's name or path instead: a causal-LM "
-                "checkpoint is converted automatically."
-            )
-        add_polar_tokens(tokenizer, model, **tokens, **template_kwargs)
-        return model, tokenizer
+        return prepare_reward_model(
+            model,
+            tokenizer,
+            zero_init_head=args.zero_init_head,
+            separator=args.separator,
+            reward_token=args.reward_token,
+            template_kwargs=args.template_kwargs(),
+            **kwargs,
+        )
 
     @staticmethod
     def _resolve_batching(model: Any, args: PolarConfig) -> str:
@@ -431,3 +416,47 @@ class PolarRewardTrainer(RewardTrainer):
         target = output_dir or self.args.output_dir
         if not _internal_call and os.path.abspath(target) == os.path.abspath(self.args.output_dir):
             self.create_model_card(model_name=os.path.basename(os.path.abspath(target)))
+
+
+def lora_config(
+    r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: str | list[str] = "all-linear"
+) -> Any:
+    """A `peft.LoraConfig` for reward models: task type SEQ_CLS, so the value head trains with the adapters."""
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
+
+
+def train_from_config(
+    config: PolarConfig,
+    model: str,
+    train_data: str,
+    eval_data: str | None = None,
+    *,
+    train_split: str = "train",
+    eval_split: str = "train",
+    peft_config: Any = None,
+) -> Any:
+    """Load the data, train, save the final model to ``config.output_dir`` and return the trainer.
+
+    Args:
+        config: the training configuration; ``resume_from_checkpoint`` is honoured.
+        model: hub name or local path of the backbone (causal LM) or of a POLAR reward model to fine-tune.
+        train_data, eval_data: see `trl_polar.data_loading.load_preference_dataset`.
+        train_split, eval_split: splits to load (a single local file is the 'train' split).
+        peft_config: e.g. `lora_config()`; trains adapters and the value head.
+
+    Works unchanged under ``accelerate launch`` (DDP, DeepSpeed ZeRO-2/3): every rank calls it, and saving is
+    collective.
+    """
+    train_dataset = load_preference_dataset(train_data, train_split)
+    eval_dataset = load_preference_dataset(eval_data, eval_split) if eval_data else None
+    trainer = PolarRewardTrainer(
+        model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset, peft_config=peft_config
+    )
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    # Every rank must call save_model: under ZeRO-3 it gathers the sharded weights collectively.
+    trainer.save_model(config.output_dir)
+    if trainer.is_world_process_zero():
+        logger.info("Saved the POLAR reward model to %s", config.output_dir)
+    return trainer

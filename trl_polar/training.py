@@ -1,4 +1,7 @@
-"""One function that runs a POLAR training job end to end; the CLI and the example script call it."""
+"""The command line of a training run: its arguments, flags over a YAML file, and the run's first and last calls.
+
+The training itself is `trl_polar.trainer.train_from_config`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import PolarConfig
-from .data_loading import load_preference_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +43,7 @@ def parse_train_args(argv: Sequence[str], config_file: str | None = None) -> tup
     """Flags over a YAML file: values in `config_file` become defaults that flags in `argv` override."""
     parser = train_parser()
     if config_file is not None:
-        import yaml
-
-        with open(config_file, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{config_file}: expected a mapping of field: value, got {type(values).__name__}.")
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{config_file}: unknown field(s) {unknown}; `trl-polar train --help` lists every field.")
+        values = read_config_file(config_file, {action.dest: action for action in parser._actions})
         parser.set_defaults(**values)
         # A value in the file satisfies a field that is otherwise required on the command line.
         for action in parser._actions:
@@ -60,8 +53,61 @@ def parse_train_args(argv: Sequence[str], config_file: str | None = None) -> tup
     return script, config
 
 
+def read_config_file(path: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """The ``field: value`` mapping of a YAML config file, checked against the parser's `fields` (dest -> action).
+
+    Every error is one line naming the file and the line (1-based) and saying what to change.
+    """
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(
+            f"{where}: not valid YAML ({problem}). Write one `field: value` per line, unindented, and quote values "
+            "that contain ': ' or ' #'."
+        ) from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}:1: expected a mapping of field: value, got {type(values).__name__}.")
+    lines = {key.value: key.start_mark.line + 1 for key, _ in (node.value if node is not None else ())}
+    unknown = sorted(set(values) - set(fields), key=lambda name: lines.get(name, 0))
+    if unknown:
+        raise ValueError(
+            f"{path}:{lines.get(unknown[0], 1)}: unknown field(s) {unknown}; `trl-polar train --help` lists every "
+            "field."
+        )
+    for name, value in values.items():
+        _check_value(fields[name], value, f"{path}:{lines.get(name, 1)}")
+    return values
+
+
+def _check_value(action: Any, value: Any, where: str) -> None:
+    # argparse converts a string default only when it parses the command line, and then blames a flag the user did
+    # not type: check the file's values here, where the line is known.
+    items = value if isinstance(value, list) and action.nargs in ("+", "*") else [value]
+    for item in items:
+        if isinstance(item, str) and callable(action.type):
+            try:
+                item = action.type(item)
+            except (TypeError, ValueError):
+                kind = getattr(action.type, "__name__", "value")
+                raise ValueError(f"{where}: `{action.dest}: {value}` is not a valid {kind}; fix the value.") from None
+        if action.choices is not None and item is not None and item not in action.choices:
+            choices = ", ".join(str(c) for c in action.choices)
+            hint = " (quote words YAML reads as booleans: 'no', 'off')" if isinstance(item, bool) else ""
+            raise ValueError(f"{where}: `{action.dest}: {value}` is not one of {choices}; use one of them{hint}.")
+
+
 def run_training(script: TrainArguments, config: PolarConfig) -> Any:
     """Train with parsed arguments (the CLI and examples/train_polar.py both end here)."""
+    from .trainer import lora_config, train_from_config
+
     peft = lora_config(script.lora_r, script.lora_alpha, script.lora_dropout) if script.use_peft else None
     return train_from_config(
         config,
@@ -72,52 +118,6 @@ def run_training(script: TrainArguments, config: PolarConfig) -> Any:
         eval_split=script.eval_split,
         peft_config=peft,
     )
-
-
-def lora_config(
-    r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: str | list[str] = "all-linear"
-) -> Any:
-    """A `peft.LoraConfig` for reward models: task type SEQ_CLS, so the value head trains with the adapters."""
-    from peft import LoraConfig
-
-    return LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
-
-
-def train_from_config(
-    config: PolarConfig,
-    model: str,
-    train_data: str,
-    eval_data: str | None = None,
-    *,
-    train_split: str = "train",
-    eval_split: str = "train",
-    peft_config: Any = None,
-) -> Any:
-    """Load the data, train, save the final model to ``config.output_dir`` and return the trainer.
-
-    Args:
-        config: the training configuration; ``resume_from_checkpoint`` is honoured.
-        model: hub name or local path of the backbone (causal LM) or of a POLAR reward model to fine-tune.
-        train_data, eval_data: see `trl_polar.data_loading.load_preference_dataset`.
-        train_split, eval_split: splits to load (a single local file is the 'train' split).
-        peft_config: e.g. `lora_config()`; trains adapters and the value head.
-
-    Works unchanged under ``accelerate launch`` (DDP, DeepSpeed ZeRO-2/3): every rank calls it, and saving is
-    collective.
-    """
-    from .trainer import PolarRewardTrainer
-
-    train_dataset = load_preference_dataset(train_data, train_split)
-    eval_dataset = load_preference_dataset(eval_data, eval_split) if eval_data else None
-    trainer = PolarRewardTrainer(
-        model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset, peft_config=peft_config
-    )
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    # Every rank must call save_model: under ZeRO-3 it gathers the sharded weights collectively.
-    trainer.save_model(config.output_dir)
-    if trainer.is_world_process_zero():
-        logger.info("Saved the POLAR reward model to %s", config.output_dir)
-    return trainer
 
 
 def finish_run(accelerator: Any) -> None:

@@ -121,7 +121,7 @@ def get_reward(environ: dict[str, str] | None = None) -> Any:
                     template=config.get("model"),
                 )
             else:
-                from trl_polar.scoring import PolarScorer
+                from trl_polar.scorer import PolarScorer
 
                 # Engines place their workers with Ray or torchrun, not accelerate: pick the device here, never from
                 # accelerate's state, which would try to join the engine's process group.

@@ -18,7 +18,6 @@ label, which transformers, vLLM and SGLang load without remote code:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -29,7 +28,8 @@ from typing import Any
 
 import torch
 
-from .template import CONFIG_KEY, DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH, DEFAULT_SEPARATOR, read_config
+from .hub import checkpoint_tensors, load_tokenizer, local_snapshot, read_config
+from .template import CONFIG_KEY, DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH, DEFAULT_SEPARATOR, PolarTemplate
 
 logger = logging.getLogger(__name__)
 
@@ -158,30 +158,6 @@ def convert_tensors(
             )
 
 
-def _checkpoint_tensors(src: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of a local checkpoint directory, one shard at a time (safetensors or PyTorch .bin)."""
-    shards = sorted(src.glob("*.safetensors")) or sorted(src.glob("pytorch_model*.bin"))
-    if not shards:
-        raise FileNotFoundError(f"{src} holds no *.safetensors or pytorch_model*.bin weights.")
-    for shard in shards:
-        if shard.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(shard, framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    yield name, f.get_tensor(name)
-        else:
-            yield from torch.load(shard, map_location="cpu", weights_only=True).items()
-
-
-def _local_dir(src: str | os.PathLike) -> Path:
-    if os.path.isdir(src):
-        return Path(src)
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(str(src), allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.py"]))
-
-
 def load_internlm2_reward_model(src: str | os.PathLike, dtype: torch.dtype | None = None):
     """Build the equivalent `LlamaForSequenceClassification` of an official POLAR checkpoint, in memory.
 
@@ -189,11 +165,11 @@ def load_internlm2_reward_model(src: str | os.PathLike, dtype: torch.dtype | Non
     """
     from transformers import LlamaForSequenceClassification
 
-    path = _local_dir(src)
+    path = local_snapshot(src)
     internlm2 = read_config(path)
     config = llama_config_from_internlm2(internlm2)
     num_heads, num_kv_heads = config.num_attention_heads, config.num_key_value_heads
-    state = dict(convert_tensors(_checkpoint_tensors(path), num_heads, num_kv_heads))
+    state = dict(convert_tensors(checkpoint_tensors(path), num_heads, num_kv_heads))
     if dtype is None:
         dtype = next(iter(state.values())).dtype
     state = {k: v.to(dtype) for k, v in state.items()}
@@ -218,8 +194,8 @@ def convert_checkpoint(
     """Write an official POLAR checkpoint as a standard transformers checkpoint in `out`.
 
     The tokenizer is carried over from ``tokenizer`` (a path or hub name) or from ``src``. InternLM2's tokenizer is
-    itself remote code: its files are copied as they are, and loading them needs ``trust_remote_code=True``, which
-    trl_polar passes only for tokenizers that need it.
+    itself remote code: its files are copied as they are, and `trl_polar.hub.allow_remote_code` trusts a tokenizer
+    shipped as code.
 
     Returns:
         The output directory.
@@ -228,7 +204,7 @@ def convert_checkpoint(
     model = load_internlm2_reward_model(src, dtype=dtype)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    tok_src = _local_dir(tokenizer) if tokenizer is not None else _local_dir(src)
+    tok_src = local_snapshot(tokenizer if tokenizer is not None else src)
     copied = []
     for file in sorted(tok_src.iterdir()):
         if file.is_file() and _TOKENIZER_FILES.match(file.name):
@@ -246,15 +222,10 @@ def convert_checkpoint(
 
 def _check_tokenizer(out: Path) -> None:
     """The converted directory must give back a template whose reward token is the config's reward token id."""
-    config = json.loads((out / "config.json").read_text())
+    config = read_config(out)
     if not any(out.glob("tokenizer*")):
         return
-    from .template import PolarTemplate
-
-    remote = any(out.glob("tokenization_*.py"))
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=remote)
+    tokenizer = load_tokenizer(out)
     template = PolarTemplate(tokenizer, **config[CONFIG_KEY])
     expected = config.get("reward_token_id")
     if expected is not None and template.reward_token_id != expected:
