@@ -64,8 +64,7 @@ def parse_args(argv=None):
 def load(args, model_dir):
     from trl_polar.scorer import PolarScorer
 
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    return PolarScorer(model_dir, max_tokens_per_batch=args.budget, device=args.device, dtype=dtype)
+    return PolarScorer(model_dir, max_tokens_per_batch=args.budget, device=args.device, dtype=args.dtype)
 
 
 def make_items(tokenizer, n_prompts, args, seed):

@@ -98,3 +98,31 @@ def test_bad_data_is_explained():
         evaluate(None, [{"prompt": "p", "ranking": ["a", "b", "c"]}, {"prompt": "p", "ranking": ["a", "b"]}])
     with pytest.raises(ValueError, match="No rows"):
         evaluate(None, [])
+
+
+def test_a_protocol_the_rows_do_not_fit_is_one_line_through_the_cli(tmp_path, tiny_qwen2_rm_dir):
+    import json
+    import subprocess
+    import sys
+
+    data = tmp_path / "bon.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "reference": "r", "candidates": ["a", "b"]}) + "\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "trl_polar.cli", "evaluate", "--model", tiny_qwen2_rm_dir, "--data", str(data),
+         "--out", str(tmp_path / "report"), "--protocol", "pairwise"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"Error: {data}: protocol 'pairwise' needs the columns ['chosen', 'prompt', 'reference', 'rejected']; the "
+        "rows lack ['chosen', 'rejected'] (they have ['candidates', 'prompt', 'reference']). Use --protocol best_of_n."
+    )
+
+
+def test_an_answer_that_cannot_be_built_names_its_row_and_column(tiny_qwen2_rm_dir):
+    rows = [
+        {"prompt": "p", "reference": "r", "chosen": "a", "rejected": "b"},
+        {"prompt": "p", "reference": "r", "chosen": "a", "rejected": [{"role": "assistant", "content": None}]},
+    ]
+    with pytest.raises(ValueError, match=r"^Row 1, column `rejected`: "):
+        evaluate(PolarScorer(tiny_qwen2_rm_dir, device="cpu"), rows)

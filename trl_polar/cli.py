@@ -83,9 +83,9 @@ def _template(model: str | None, tokenizer: str | None, overrides: dict[str, Any
     if model:
         return PolarTemplate.from_pretrained(model, **overrides)
     if tokenizer:
-        from transformers import AutoTokenizer
+        from .hub import load_tokenizer
 
-        return PolarTemplate(AutoTokenizer.from_pretrained(tokenizer), **overrides)
+        return PolarTemplate(load_tokenizer(tokenizer), **overrides)
     raise CLIError("Pass --model (a POLAR reward model) or --tokenizer (a tokenizer with the POLAR tokens).")
 
 
@@ -230,7 +230,10 @@ def evaluate(
 
         scorer = PolarClient(url=url)
     rows = load_preference_dataset(data, split=split)
-    report = run_evaluation(scorer, rows, protocol=protocol, category_column=category_column)
+    try:
+        report = run_evaluation(scorer, rows, protocol=protocol, category_column=category_column)
+    except ValueError as err:
+        raise CLIError(f"{data}: {err}") from None
     paths = write_report(report, out, plots=plots)
     typer.echo(report.to_markdown())
     typer.echo("Wrote " + ", ".join(paths.values()))

@@ -22,16 +22,19 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .scorer import Scorer
+from typing import Any
 
 from .atomic import atomic_write, write_text
+from .scorer import EncodeError, Scorer
 
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("pairwise", "best_of_n", "rmb")
+PROTOCOL_COLUMNS = {
+    "pairwise": {"prompt", "reference", "chosen", "rejected"},
+    "best_of_n": {"prompt", "reference", "candidates"},
+    "rmb": {"prompt", "ranking"},
+}
 
 
 @dataclass
@@ -88,12 +91,9 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
 def detect_protocol(columns: Sequence[str]) -> str:
     """The protocol a dataset's columns call for."""
     cols = set(columns)
-    if {"prompt", "reference", "chosen", "rejected"} <= cols:
-        return "pairwise"
-    if {"prompt", "reference", "candidates"} <= cols:
-        return "best_of_n"
-    if {"prompt", "ranking"} <= cols:
-        return "rmb"
+    for protocol, needed in PROTOCOL_COLUMNS.items():
+        if needed <= cols:
+            return protocol
     raise ValueError(
         f"Cannot tell the evaluation protocol from the columns {sorted(cols)}. Use prompt/reference/chosen/rejected "
         "(pairwise), prompt/reference/candidates (best_of_n, best first) or prompt/ranking (rmb, best first, the "
@@ -146,8 +146,9 @@ def evaluate(
         protocol = detect_protocol(rows[0].keys())
     elif protocol not in PROTOCOLS:
         raise ValueError(f"`protocol` must be 'auto' or one of {PROTOCOLS}, got {protocol!r}.")
+    _check_columns(rows[0].keys(), protocol)
     groups = _rows_to_groups(rows, protocol)
-    per_group = _score_groups(scorer, groups)
+    per_group = _score_groups(scorer, groups, protocol)
     correct, margins = [], []
     scores_by_rank: dict[str, list[float]] = defaultdict(list)
     self_scores = []
@@ -169,7 +170,26 @@ def evaluate(
     )
 
 
-def _score_groups(scorer: Scorer, groups: list[tuple[Any, Any, list[Any]]]) -> list[list[float]]:
+def _check_columns(columns: Any, protocol: str) -> None:
+    missing = sorted(PROTOCOL_COLUMNS[protocol] - set(columns))
+    if missing:
+        hint = next((name for name, needed in PROTOCOL_COLUMNS.items() if needed <= set(columns)), "auto")
+        raise ValueError(
+            f"protocol {protocol!r} needs the columns {sorted(PROTOCOL_COLUMNS[protocol])}; the rows lack {missing} "
+            f"(they have {sorted(columns)}). Use --protocol {hint}."
+        )
+
+
+def _answer_column(protocol: str, position: int) -> str:
+    """The column of a group's ``position``-th scored answer (0: the reference scored against itself)."""
+    if position == 0:
+        return "reference" if protocol != "rmb" else "ranking[0]"
+    if protocol == "pairwise":
+        return ("chosen", "rejected")[position - 1]
+    return f"candidates[{position - 1}]" if protocol == "best_of_n" else f"ranking[{position}]"
+
+
+def _score_groups(scorer: Scorer, groups: list[tuple[Any, Any, list[Any]]], protocol: str) -> list[list[float]]:
     """Per group: r(p, ref, ref), then its candidates' scores, best first."""
     # One flat scoring call: candidates of a row share (prompt, reference), so the scorer computes that prefix once.
     prompts, references, candidates, owners = [], [], [], []
@@ -179,7 +199,12 @@ def _score_groups(scorer: Scorer, groups: list[tuple[Any, Any, list[Any]]]) -> l
             references.append(reference)
             candidates.append(answer)
             owners.append(g)
-    scores = scorer.score(prompts, references, candidates)
+    try:
+        scores = scorer.score(prompts, references, candidates)
+    except EncodeError as err:
+        g = owners[err.index]
+        position = err.index - owners.index(g)
+        raise ValueError(f"Row {g}, column `{_answer_column(protocol, position)}`: {err.reason}") from None
     if len(scores) != len(candidates):
         raise ValueError(f"The scorer returned {len(scores)} scores for {len(candidates)} items.")
     per_group: list[list[float]] = [[] for _ in groups]

@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .checks import check_positive_int
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_SEPARATOR = "<|reward|>"
@@ -151,9 +153,7 @@ class PolarTemplate:
                 "Load one with transformers.AutoTokenizer.from_pretrained(...)."
             )
         for name in ("max_length", "max_response_length"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+            check_positive_int(name, getattr(self, name))
         if self.max_length <= RESERVED_TOKENS:
             raise ValueError(
                 f"`max_length`={self.max_length} leaves no room: {RESERVED_TOKENS} tokens are reserved for BOS, "
