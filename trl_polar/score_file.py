@@ -96,17 +96,7 @@ def score_file(
     module docstring). Returns a summary ``{"rows", "mean", "min", "max", "output", "resumed"}``.
     """
     check_destination(output_path, inputs=[data_path])
-    rows = read_jsonl(data_path)
-    if not rows:
-        raise ValueError(f"{data_path} has no rows. Write one JSON object per line with prompt, reference, output.")
-    columns = (prompt_column, reference_column, _detect_column(rows[0][1], candidate_column, data_path, rows[0][0]))
-    for line, row in rows:
-        missing = [column for column in columns if row.get(column) is None]
-        if missing:
-            raise ValueError(
-                f"{data_path}:{line} has no {missing[0]!r} value (it has {sorted(row)}). Every row needs "
-                f"{', '.join(map(repr, columns))}."
-            )
+    rows, columns = _read_rows(data_path, (prompt_column, reference_column, candidate_column))
     scorer = (
         model
         if isinstance(model, Scorer)
@@ -141,6 +131,23 @@ def score_file(
         "output": str(output_path),
         "resumed": done,
     }
+
+
+def _read_rows(data_path, columns: tuple[str, str, str | None]) -> tuple[list[tuple[int, dict]], tuple[str, str, str]]:
+    """The rows with their line numbers, and the (prompt, reference, candidate) columns every row has."""
+    rows = read_jsonl(data_path)
+    if not rows:
+        raise ValueError(f"{data_path} has no rows. Write one JSON object per line with prompt, reference, output.")
+    prompt_column, reference_column, candidate_column = columns
+    found = (prompt_column, reference_column, _detect_column(rows[0][1], candidate_column, data_path, rows[0][0]))
+    for line, row in rows:
+        missing = [column for column in found if row.get(column) is None]
+        if missing:
+            raise ValueError(
+                f"{data_path}:{line} has no {missing[0]!r} value (it has {sorted(row)}). Every row needs "
+                f"{', '.join(map(repr, found))}."
+            )
+    return rows, found
 
 
 def _score_chunk(scorer: Scorer, chunk, columns: tuple[str, str, str], wrapper: str, data_path) -> list[float]:
