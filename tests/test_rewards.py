@@ -170,3 +170,11 @@ def test_lazy_path_and_pickle(tiny_qwen2_rm_dir, scorer):
     clone = pickle.loads(pickle.dumps(reward))
     assert clone._scorer is None and clone.reference_column == "reference"
     assert clone(prompts=["What is 2 + 2?"], completions=["4"], reference=["4"]) == pytest.approx(out, abs=1e-6)
+
+
+def test_completions_as_content_parts_score_as_their_text(scorer):
+    reward = PolarReward(scorer)
+    parts = [{"role": "assistant", "content": [{"type": "text", "text": "4"}]}]
+    tool_call = {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "calc"}}]}
+    out, _ = _call(reward, [P1, P1], [parts, [tool_call, *parts]], ["4", "4"])
+    assert out == pytest.approx(scorer.score([P1], ["4"], ["4"]) * 2, abs=1e-6)

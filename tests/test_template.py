@@ -228,3 +228,18 @@ def test_flatten_and_common_prefix():
     assert common_prefix_length([1, 2, 3], [1, 2, 3]) == 3
     assert common_prefix_length([5], [6]) == 0
     assert common_prefix_length() == 0
+
+
+def test_content_parts_are_read_as_their_text(tiny_tokenizer, caplog):
+    template = PolarTemplate(tiny_tokenizer)
+    parts = [
+        {"role": "assistant", "content": [{"type": "text", "text": "The answer "}, {"type": "text", "text": "4"}]}
+    ]
+    assert template.encode("2+2?", "4", parts) == template.encode("2+2?", "4", "The answer 4")
+    # A message without any text part is not read, and is counted in the log.
+    with caplog.at_level("WARNING", logger="trl_polar.template"):
+        image_only = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+        assert flatten([*image_only, {"role": "user", "content": "Hi"}]) == "Hi"
+    assert "without any text part so far" in caplog.text
+    with pytest.raises(ValueError, match=r"`prompt\[0\]\['content'\]\[0\]` must be a content part"):
+        flatten([{"role": "user", "content": ["plain string part"]}], "prompt")

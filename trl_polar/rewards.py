@@ -56,7 +56,8 @@ def completion_text(completion: Text | None, index: int = 0) -> str:
     if isinstance(completion, str):
         return completion
     if isinstance(completion, Sequence) and not isinstance(completion, (bytes, Mapping)):
-        kept = [m for m in completion if isinstance(m, Mapping) and isinstance(m.get("content"), str)]
+        # Bare tool calls (content None) carry no text to score; text parts of content lists are read by flatten.
+        kept = [m for m in completion if isinstance(m, Mapping) and m.get("content") is not None]
         return flatten(kept, f"completions[{index}]")
     raise ValueError(
         f"`completions[{index}]` must be a string or a list of messages, got {type(completion).__name__}: "

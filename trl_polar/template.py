@@ -61,14 +61,47 @@ def flatten(value: Text, argument: str = "text") -> str:
                 f"`{argument}[{i}]` must be a message dict with a 'content' key, got {message!r:.80}. "
                 "Each message needs a 'content' string, e.g. {'role': 'assistant', 'content': '...'}."
             )
-        content = message["content"]
-        if not isinstance(content, str):
-            raise ValueError(
-                f"`{argument}[{i}]['content']` must be a string, got {type(content).__name__}: {content!r:.80}. "
-                "Multimodal content lists are not supported by POLAR; pass the text only."
-            )
-        parts.append(content)
+        text = message_text(message["content"], f"{argument}[{i}]['content']")
+        if text is not None:
+            parts.append(text)
     return "\n".join(parts)
+
+
+_textless = {"messages": 0}
+
+
+def message_text(content: Any, argument: str = "content") -> str | None:
+    """The text of a message's ``content``: a string, or the ``text`` of its text parts (chat APIs and tool-calling
+    rollouts write ``[{"type": "text", "text": "..."}]``), joined as one message. Content parts without text (an
+    image, a tool call) are not read; a message with no text at all gives None and is counted and logged.
+
+    >>> message_text([{"type": "text", "text": "The answer "}, {"type": "image_url"}, {"type": "text", "text": "4"}])
+    'The answer 4'
+    """
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence) and not isinstance(content, (bytes, Mapping)):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, Mapping) or ("text" in part and not isinstance(part["text"], str)):
+                raise ValueError(
+                    f"`{argument}[{j}]` must be a content part like {{'type': 'text', 'text': '...'}}, "
+                    f"got {part!r:.80}."
+                )
+            if part.get("type", "text") == "text" and "text" in part:
+                texts.append(part["text"])
+        if texts:
+            return "".join(texts)
+        _textless["messages"] += 1
+        count = _textless["messages"]
+        if count & (count - 1) == 0:  # 1, 2, 4, 8, ...: counted always, logged without flooding a long run
+            logger.warning("%d message(s) without any text part so far (latest: `%s`); they are not scored.", count,
+                           argument)  # fmt: skip
+        return None
+    raise ValueError(
+        f"`{argument}` must be a string or a list of content parts, got {type(content).__name__}: {content!r:.80}. "
+        "Pass the message text, e.g. {'role': 'assistant', 'content': '...'}."
+    )
 
 
 @dataclass(frozen=True)
