@@ -316,7 +316,7 @@ def quickstart(
 def _register_commands() -> None:
     # These commands live next to the code they drive; importing them loads neither torch nor FastAPI.
     from .data.cli import build_data_command, convert_data_command
-    from .server import serve_command
+    from .serving.command import serve_command
 
     app.command("build-data")(build_data_command)
     app.command("convert-data")(convert_data_command)
