@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import signal
 import time
@@ -54,11 +55,15 @@ def triples():
 
 @pytest.fixture(scope="module")
 def servers(tiny_qwen2_rm_dir):
-    """The main server (API key, a small body limit) and a server with a queue of 2 and a long batch window."""
+    """The main server (API key, a small body limit) and a server with a queue of 2, a long batch window and a short
+    body timeout."""
     main, small = start_servers(
         (tiny_qwen2_rm_dir, ("--api-key", API_KEY, "--max-body-bytes", str(BODY_LIMIT))),
         # The deprecated --max-batch-tokens still starts the server (it is --max-tokens-per-batch now).
-        (tiny_qwen2_rm_dir, ("--max-queue", "2", "--batch-window-ms", "400", "--max-batch-tokens", "65536")),
+        (
+            tiny_qwen2_rm_dir,
+            ("--max-queue", "2", "--batch-window-ms", "400", "--max-batch-tokens", "65536", "--body-timeout", "1.5"),
+        ),
     )
     yield {"main": main, "small": small}
     main.stop()
@@ -261,8 +266,116 @@ def test_malformed_requests_are_refused_naming_the_field(servers, path, body, st
 
 def test_wrong_method_and_unknown_path(servers):
     url = servers["main"].url
-    assert httpx.get(url + "/score", headers=AUTH).status_code == 405
-    assert httpx.post(url + "/nothing", headers=AUTH, json={}).status_code == 404
+    wrong_method = httpx.get(url + "/score", headers=AUTH)
+    assert wrong_method.status_code == 405
+    unknown = httpx.post(url + "/nothing", headers=AUTH, json={})
+    assert unknown.status_code == 404
+    # Both in the documented error envelope, saying what to do instead.
+    assert wrong_method.json()["error"]["code"] == 405 and "POST" in wrong_method.json()["error"]["message"]
+    assert wrong_method.headers["allow"] == "POST"
+    assert unknown.json()["error"] == {
+        "message": unknown.json()["error"]["message"], "type": "not_found", "code": 404,
+    }  # fmt: skip
+    assert "/score" in unknown.json()["error"]["message"] and "/nothing" in unknown.json()["error"]["message"]
+
+
+ITEM = b'{"prompt": "p", "reference": "r", "candidate": "c"}'
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field", "says"),
+    [
+        (b'{"items": [{"prompt": "\\ud800", "reference": "r", "candidate": "c"}]}', 422, "items[0].prompt",
+         "surrogate"),
+        (b'{"items": [{"prompt": [{"role": "user", "content": "a\\udfff"}], "reference": "r", "candidate": "c"}]}',
+         422, "items[0].prompt[0].content", "surrogate"),
+        (b'{"id": "\\ud800", "items": [' + ITEM + b"]}", 422, "id", "surrogate"),
+        (b'{"id": NaN, "items": [' + ITEM + b"]}", 400, "body", "NaN"),
+        (b'{"id": -Infinity, "items": [' + ITEM + b"]}", 400, "body", "Infinity"),
+        (b'{"id": 1e999, "items": [' + ITEM + b"]}", 422, "id", "finite"),
+        (b'{"items": [' + ITEM + b'], "options": {"max_length": 1000000000}}', 422, "options.max_length",
+         "max_length=16384"),
+        (b'{"items": [' + ITEM + b'], "options": {"max_response_length": 4097}}', 422,
+         "options.max_response_length", "max_response_length=4096"),
+    ],
+)  # fmt: skip
+def test_hostile_values_are_refused_before_any_work(servers, body, status, field, says):
+    """Text no tokenizer can take, ids no JSON answer can carry, and limits above the server's: 4xx, nothing scored."""
+    url = servers["main"].url
+    before = metrics(url)["polar_batches_total"]
+    response = httpx.post(url + "/score", headers={**AUTH, "Content-Type": "application/json"}, content=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["field"] == field and says in error["message"], error
+    assert metrics(url)["polar_batches_total"] == before
+    for path, payload in (
+        ("/pooling", b'{"input": ["x\\ud800"]}'),
+        ("/get_reward", b'{"query": ["q"], "prompts": ["q"], "labels": ["\\udc00"]}'),
+    ):
+        response = httpx.post(url + path, headers={**AUTH, "Content-Type": "application/json"}, content=payload)
+        assert response.status_code == 422 and "surrogate" in response.json()["error"]["message"]
+    # Options may lower the limits (the item is then cut to fit).
+    lower = {
+        "items": [{"prompt": "p", "reference": "r " * 50, "candidate": "c"}],
+        "options": {"max_response_length": 8},
+    }
+    response = httpx.post(url + "/score", headers=AUTH, json=lower)
+    assert response.status_code == 200 and response.json()["truncated"] == 1
+
+
+def test_slow_senders_cannot_lock_others_out(servers, scorer):
+    """Four clients send headers and 11 bytes of a body, then stall: they hold no place in the queue of 2, a
+    normal client is still answered, and each stalled one gets 408 once --body-timeout (1.5 s) has passed."""
+    import socket
+
+    server = servers["small"]
+    item = {"prompt": PROMPTS[0], "reference": REFERENCES[0], "candidate": "4"}
+    expected = scorer.score([PROMPTS[0]], [REFERENCES[0]], ["4"])
+    head = f"POST /score HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+    slow = []
+    for _ in range(4):
+        sock = socket.create_connection((HOST, server.port), timeout=10)
+        sock.sendall(head.encode() + b'{"items": [')
+        slow.append(sock)
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        for _ in range(3):
+            response = httpx.post(server.url + "/score", json={"items": [item]}, timeout=30)
+            assert response.status_code == 200, response.text
+            assert_close(response.json()["scores"], expected)
+        assert time.monotonic() - started < 1.5  # answered while the slow ones still hold their connections
+        for sock in slow:
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+            status_line, _, rest = answer.partition(b"\r\n")
+            assert b" 408 " in status_line, answer
+            error = json.loads(rest.split(b"\r\n\r\n", 1)[1])["error"]
+            assert error["code"] == 408 and error["field"] == "body" and "--body-timeout" in error["message"]
+    finally:
+        for sock in slow:
+            sock.close()
+    assert httpx.get(server.url + "/health").json()["in_flight"] == 0
+
+
+def test_an_empty_api_key_is_refused_at_start(tiny_qwen2_rm_dir):
+    import subprocess
+    import sys
+
+    from serving_helpers import REPO
+
+    for args, env in ((["--api-key", ""], {}), ([], {"TRL_POLAR_API_KEY": ""})):
+        cmd = [sys.executable, "-m", "trl_polar.serving", "--model", tiny_qwen2_rm_dir, "--port", "1", *args]
+        environ = {k: v for k, v in os.environ.items() if k != "TRL_POLAR_API_KEY"}
+        out = subprocess.run(cmd, cwd=REPO, env={**environ, **env}, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1, out.stderr
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("Error: ") and "empty" in last and "without authentication" in last, out.stderr
+        assert "Traceback" not in out.stderr
 
 
 def test_oversized_body_gets_413(servers):

@@ -1,7 +1,8 @@
-"""``python -m trl_polar.serving --model PATH``: the same as ``trl-polar serve``."""
+"""``python -m trl_polar.serving --model PATH``: the same as ``trl-polar serve``, errors included (one line)."""
 
-import typer
+import sys
 
-from .command import serve_command
+from ..cli import main
 
-typer.run(serve_command)
+sys.argv[1:1] = ["serve"]
+main()

@@ -28,6 +28,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from .protocol import (
@@ -52,7 +53,13 @@ from .protocol import (
     parse_json,
     validate,
 )
-from .server import DEFAULT_BATCH_WINDOW_MS, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
+from .server import (
+    DEFAULT_BATCH_WINDOW_MS,
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_QUEUE,
+    check_api_key,
+)
 from .service import PolarService
 
 logger = logging.getLogger(__name__)
@@ -64,6 +71,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for status, description in (
         (400, "The body is not JSON."),
         (401, "Missing or wrong API key."),
+        (408, "The body did not arrive within --body-timeout."),
         (413, "The body is over --max-body-bytes."),
         (422, "The body does not match the schema; `field` names the offending value."),
         (503, "The queue is full or the server is shutting down (Retry-After)."),
@@ -79,6 +87,7 @@ def create_app(
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     model_name: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving one scorer.
@@ -93,8 +102,11 @@ def create_app(
         max_queue: the most requests admitted and not yet answered; beyond it a request gets 503 + Retry-After.
         max_body_bytes: the largest request body; beyond it 413.
         batch_window_ms: how long the worker waits for more requests after the first one of a batch arrives.
+        body_timeout_s: how long a request may take to send its body after its headers; beyond it 408. A request
+            counts against ``max_queue`` only once its body is in, so slow senders cannot lock others out.
         model_name: the name /pooling answers with (default: the model directory's name).
     """
+    check_api_key(api_key)
     if model_name is None:
         source = getattr(getattr(scorer, "model", None), "name_or_path", None) or "polar"
         model_name = os.path.basename(str(source).rstrip("/")) or "polar"
@@ -104,11 +116,14 @@ def create_app(
         max_queue=max_queue,
         max_body_bytes=max_body_bytes,
         batch_window_ms=batch_window_ms,
+        body_timeout_s=body_timeout_s,
         model_name=model_name,
     )
     app = FastAPI(title="trl-polar reward server", version=__version__, lifespan=_lifespan)
     app.state.polar = service
     app.add_exception_handler(RequestError, _request_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
     app.include_router(router)
     app.openapi = lambda: _openapi(app)
     return app
@@ -146,23 +161,44 @@ async def _request_error(request: Request, err: Exception) -> Response:
     return _error_response(err)
 
 
+async def _http_error(request: Request, err: Exception) -> Response:
+    """Starlette's own refusals (an unknown path, a wrong method) in the one envelope."""
+    where = f"{request.method} {request.url.path}"
+    if err.status_code == 404:
+        paths = ", ".join(sorted({route.path for route in router.routes}))
+        message = f"No endpoint `{where}`; the endpoints are {paths}."
+    elif err.status_code == 405:
+        allowed = (err.headers or {}).get("Allow", "")
+        message = f"`{where}` is not allowed; `{request.url.path}` takes {allowed or 'another method'}."
+    else:
+        message = f"`{where}`: {err.detail}"
+    return _error_response(RequestError(err.status_code, message, headers=dict(err.headers or {})))
+
+
+async def _internal_error(request: Request, err: Exception) -> Response:
+    logger.exception("%s %s failed", request.method, request.url.path, exc_info=err)
+    return _error_response(RequestError(500, f"Internal error: {type(err).__name__}: {err}"))
+
+
 def _body(model: type[BaseModel]) -> dict:
     ref = {"$ref": f"#/components/schemas/{model.__name__}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
 async def _answer(request: Request, endpoint: str, model: type[BaseModel], work: Work) -> Response:
-    """Authenticate, admit, read and validate the body, do the work, answer; count it in /metrics either way."""
+    """Authenticate, read the body, admit, validate, do the work, answer; count it in /metrics either way."""
     service: PolarService = request.app.state.polar
     started = time.perf_counter()
     status, items, truncated = 500, 0, 0
     admitted = False
     try:
         service.check_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        service.check_open()
+        raw = await service.read_body(request)
         service.admit()
         service.in_flight += 1
         admitted = True
-        body = validate(model, parse_json(await service.read_body(request)), endpoint)
+        body = validate(model, parse_json(raw), endpoint, service.limits)
         answer, items, truncated = await work(service, body)
         status = 200
         return Response(dumps(answer), media_type="application/json")

@@ -9,14 +9,14 @@ from typing import Annotated
 import typer
 
 from .server import (
+    API_KEY_ENV,
     DEFAULT_BATCH_WINDOW_MS,
+    DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_HOST,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_QUEUE,
     DEFAULT_PORT,
 )
-
-API_KEY_ENV = "TRL_POLAR_API_KEY"
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,9 @@ def serve_command(
     batch_window_ms: Annotated[
         float, typer.Option(help="How long a batch waits for more requests after its first.")
     ] = DEFAULT_BATCH_WINDOW_MS,
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds a request may take to send its body; slower gets 408.")
+    ] = DEFAULT_BODY_TIMEOUT_S,
     device: Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu (default: cuda if available).")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, bf16, fp16 or fp32 (default: as stored).")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
@@ -80,6 +83,7 @@ def serve_command(
         max_queue=max_queue,
         max_body_bytes=max_body_bytes,
         batch_window_ms=batch_window_ms,
+        body_timeout_s=body_timeout,
         device=device,
         dtype=dtype,
         log_level=log_level,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import typing
 from typing import Annotated, Any, Literal
 
@@ -21,7 +22,9 @@ from pydantic import (
     PlainValidator,
     RootModel,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
@@ -140,6 +143,18 @@ class ScoreOptions(BaseModel):
     max_length: int | None = Field(None, gt=0, description="A lower total token budget for this request.")
     max_response_length: int | None = Field(None, gt=0, description="A lower per-response budget for this request.")
     response_cut_side: Literal[CUT_SIDES] | None = Field(None, description="Which end of a long response is kept.")
+
+    @field_validator("max_length", "max_response_length")
+    @classmethod
+    def _at_most_the_servers(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # The server's limits arrive as the validation context: a request may lower them, never raise them.
+        limit = (info.context or {}).get(info.field_name)
+        if value is not None and limit is not None and value > limit:
+            raise ValueError(
+                f"{value} is over the server's {info.field_name}={limit}; a request may lower the limit, not raise "
+                f"it (send at most {limit}, or start the server with a larger template limit)"
+            )
+        return value
 
     def template_overrides(self) -> tuple[tuple[str, Any], ...]:
         """The template settings this request changes, as a hashable key (empty: the server's own template)."""
@@ -327,26 +342,62 @@ def _no_constant(name: str) -> Any:
 
 
 def parse_json(body: bytes) -> Any:
-    """A request body as JSON; 400 naming the line and column of a syntax error, NaN and Infinity refused."""
+    """A request body as JSON; 400 naming the line and column of a syntax error, NaN and Infinity refused, and 422
+    naming the field that holds a lone surrogate (text no tokenizer or JSON answer can carry)."""
     if not body:
         raise RequestError(400, "The request body is empty; send a JSON object (Content-Type: application/json).")
     try:
-        return json.loads(body, parse_constant=_no_constant)
+        payload = json.loads(body, parse_constant=_no_constant)
     except json.JSONDecodeError as err:
         message = f"The body is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})."
         raise RequestError(400, message, "body") from None
     except (ValueError, RecursionError) as err:  # not UTF-8, NaN, or nested deeper than the parser allows
         raise RequestError(400, f"The body is not valid JSON ({type(err).__name__}: {err}).", "body") from None
+    # Raw UTF-8 cannot hold a surrogate: only a \\uD800-\\uDFFF escape makes one, so most bodies skip the walk.
+    if _SURROGATE_ESCAPE.search(body):
+        where = _lone_surrogate(payload)
+        if where is not None:
+            message = (
+                f"`{where or 'body'}` holds a lone UTF-16 surrogate (an unpaired \\uD800-\\uDFFF escape), which is "
+                "not text; send valid Unicode."
+            )
+            raise RequestError(422, message, where or "body")
+    return payload
 
 
-def validate(model: type[BaseModel], payload: Any, endpoint: str) -> Any:
-    """The payload as ``model``; a 422 naming the first wrong field and the fix."""
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(payload: Any) -> str | None:
+    """The path of the first string (or key) in ``payload`` that is not valid Unicode; None if there is none."""
+    stack = [("", payload)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                name = f"{where}.{key}" if where else str(key)
+                if _lone_surrogate(key) is not None:
+                    return name.encode("utf-8", "backslashreplace").decode()
+                stack.append((name, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+    return None
+
+
+def validate(model: type[BaseModel], payload: Any, endpoint: str, limits: dict | None = None) -> Any:
+    """The payload as ``model``; a 422 naming the first wrong field and the fix. ``limits``: the server's template
+    limits, which a request's options may lower but not raise."""
     if not isinstance(payload, dict):
         example = json.dumps(_EXAMPLES.get(model, {}))
         message = f"The body of {endpoint} must be a JSON object like {example}, got {type(payload).__name__}."
         raise RequestError(422, message, "body")
     try:
-        return model.model_validate(payload)
+        return model.model_validate(payload, context=limits or {})
     except ValidationError as err:
         where, message = first_error(err)
         raise RequestError(422, message, where) from None

@@ -42,12 +42,16 @@ class PolarService:
         max_queue: int,
         max_body_bytes: int,
         batch_window_ms: float,
+        body_timeout_s: float,
         model_name: str,
     ) -> None:
         self.max_queue = positive_int("max_queue", max_queue)
         self.max_body_bytes = positive_int("max_body_bytes", max_body_bytes)
         if not batch_window_ms >= 0:
             raise ValueError(f"`batch_window_ms` must be >= 0, got {batch_window_ms!r}.")
+        if not body_timeout_s > 0:
+            raise ValueError(f"`body_timeout_s` must be a positive number of seconds, got {body_timeout_s!r}.")
+        self.body_timeout_s = float(body_timeout_s)
         if not all(hasattr(scorer, name) for name in ("encode_items", "score_ids", "template")):
             raise ValueError(
                 f"create_app needs a PolarScorer (with .encode_items, .score_ids and .template), got "
@@ -55,6 +59,11 @@ class PolarService:
             )
         self.scorer = scorer
         self.template: PolarTemplate = scorer.template
+        # What a request's options may lower but not raise.
+        self.limits = {
+            "max_length": self.template.max_length,
+            "max_response_length": self.template.max_response_length,
+        }
         self.api_key = api_key.encode() if api_key else None
         self.model_name = model_name
         self.in_flight = 0
@@ -92,13 +101,17 @@ class PolarService:
                 {"WWW-Authenticate": "Bearer"},
             )
 
-    def admit(self) -> None:
+    def check_open(self) -> None:
         if self.draining:
             raise RequestError(
                 503,
                 "The server is shutting down; retry on another replica.",
                 headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"},
             )
+
+    def admit(self) -> None:
+        """Count a request whose body is in against --max-queue (a client still sending holds no place)."""
+        self.check_open()
         if self.in_flight >= self.max_queue:
             raise RequestError(
                 503,
@@ -108,6 +121,7 @@ class PolarService:
             )
 
     async def read_body(self, request: Any) -> bytes:
+        """The whole body, within --max-body-bytes (413) and within ``body_timeout_s`` of the headers (408)."""
         limit = self.max_body_bytes
         fix = "send fewer items per request (PolarClient(chunk_size=...)) or raise --max-body-bytes"
         declared = request.headers.get("content-length")
@@ -118,6 +132,17 @@ class PolarService:
                 raise RequestError(400, f"Content-Length {declared!r} is not an integer.", "Content-Length") from None
             if size > limit:
                 raise RequestError(413, f"The body has {size} bytes, over the limit of {limit}; {fix}.", "body")
+        try:
+            return await asyncio.wait_for(self._stream(request, limit, fix), self.body_timeout_s)
+        except TimeoutError:
+            # The rest of the body may still come; closing the connection keeps it from being read as a request.
+            message = (
+                f"The body did not arrive within {self.body_timeout_s:g} s; send it at once (or raise --body-timeout)."
+            )
+            raise RequestError(408, message, "body", {"Connection": "close"}) from None
+
+    @staticmethod
+    async def _stream(request: Any, limit: int, fix: str) -> bytes:
         # Content-Length can be absent (chunked uploads) or wrong: count what actually arrives.
         chunks, size = [], 0
         async for chunk in request.stream():
