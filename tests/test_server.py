@@ -244,6 +244,8 @@ def test_load_2000_requests_from_32_clients(servers, scorer):
         ("/pooling", b'{"input": [3.5]}', 422, "input[0]"),
         ("/pooling", b'{"input": ["no reward token here"]}', 422, "input[0]"),
         ("/pooling", b'{"input": [[1, 2, 99999999]]}', 422, "input[0]"),
+        ("/classify", b'{"text": "one text"}', 422, "text"),
+        ("/classify", b'{"text": ["no reward token here"]}', 422, "text[0]"),
         ("/get_reward", b'{"query": ["q"], "prompts": ["q"]}', 422, "labels"),
         ("/get_reward", b'{"query": ["q a"], "prompts": ["q", "r"], "labels": ["l"]}', 422, "labels"),
         ("/get_reward", b'{"query": ["q a"], "prompts": ["q"], "labels": [""]}', 422, "labels[0]"),

@@ -220,13 +220,13 @@ async def _score(service: PolarService, req: ScoreRequest) -> tuple[BaseModel, i
     return ScoreResponse(scores=scores, truncated=encoded.truncated, id=req.id), len(scores), encoded.truncated
 
 
-async def _texts(service: PolarService, texts: list[Any]) -> tuple[list[float], int]:
-    ids, keys = await service.run(service.encode_texts, texts)
+async def _texts(service: PolarService, texts: list[Any], name: str) -> tuple[list[float], int]:
+    ids, keys = await service.run(service.encode_texts, texts, name)
     return await service.score(ids, keys), sum(len(x) for x in ids)
 
 
 async def _pooling(service: PolarService, req: PoolingRequest) -> tuple[BaseModel, int, int]:
-    scores, tokens = await _texts(service, req.input)
+    scores, tokens = await _texts(service, req.input, "input")
     answer = PoolingResponse(
         id=f"pool-{time.time_ns():x}",
         created=int(time.time()),
@@ -238,7 +238,7 @@ async def _pooling(service: PolarService, req: PoolingRequest) -> tuple[BaseMode
 
 
 async def _classify(service: PolarService, req: ClassifyRequest) -> tuple[BaseModel, int, int]:
-    scores, _ = await _texts(service, req.text)
+    scores, _ = await _texts(service, req.text, "text")
     return ClassifyResponse([ClassifyResult(index=i, embedding=[s]) for i, s in enumerate(scores)]), len(scores), 0
 
 

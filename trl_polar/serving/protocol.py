@@ -284,13 +284,17 @@ RESPONSE_MODELS = (ScoreResponse, PoolingResponse, ClassifyResponse, GetRewardRe
 
 
 # ---------------------------------------------------------------------------------------------------- reading
+# How pydantic names the member of a union (or a validator) in an error's location: not a field.
+_UNION_TAG = re.compile(r"function-\w+\[.*\]|(list|dict|tuple)\[.*\]|float|int|str|bool")
+
+
 def field_path(loc: tuple) -> str:
     """A pydantic error location as the field path users write: ``("items", 3, "prompt")`` -> ``items[3].prompt``."""
     path = ""
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif not str(part).startswith(("function-", "list[", "float", "int", "str")):  # union-member tags
+        elif not _UNION_TAG.fullmatch(str(part)):
             path += f".{part}" if path else str(part)
     return path
 

@@ -207,15 +207,16 @@ class PolarService:
         # Items of one (prompt, reference, wrapper) and one template share their prefix, across requests too.
         return Encoded(enc.input_ids, [(*key, overrides) for key in enc.group_keys], enc.truncated)
 
-    def encode_texts(self, inputs: list[Any]) -> tuple[list[list[int]], list[Any]]:
-        """Ids and group keys of formatted texts, tokenized as an lmdeploy/vLLM server does (special tokens on)."""
+    def encode_texts(self, inputs: list[Any], name: str) -> tuple[list[list[int]], list[Any]]:
+        """Ids and group keys of formatted texts (the request's field ``name``), tokenized as an lmdeploy, vLLM or
+        SGLang server does (special tokens on)."""
         template = self.template
         texts = [x for x in inputs if isinstance(x, str)]
         encoded = iter(template.tokenizer(texts, add_special_tokens=True)["input_ids"]) if texts else iter(())
         ids, keys = [], []
         for i, value in enumerate(inputs):
             seq = list(next(encoded)) if isinstance(value, str) else list(value)
-            self._check_sequence(seq, f"input[{i}]", tokenized=isinstance(value, str))
+            self._check_sequence(seq, f"{name}[{i}]", tokenized=isinstance(value, str))
             ids.append(seq)
             # The text before the separator is P + "\n" + REF: equal texts there mean a shared prefix.
             if isinstance(value, str) and template.separator in value:
