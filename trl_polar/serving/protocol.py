@@ -333,7 +333,7 @@ def first_error(err: ValidationError, whole: str = "The body") -> tuple[str, str
     elif kind == "finite_number":
         message = f"{subject} is {value}, not a finite number."
     else:
-        message = f"{subject}: {error['msg'].removeprefix('Value error, ')}."
+        message = f"{subject}: {error['msg'].removeprefix('Value error, ').rstrip('.')}."
     hint = info.description if info is not None and kind in ("missing", "list_type") else None
     return where or "body", f"{message} {hint}" if hint else message
 
