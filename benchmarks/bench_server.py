@@ -3,7 +3,7 @@
 The same items (GRPO-like groups: G completions per (prompt, reference)) are scored
 
 - in-process: one `PolarScorer.score` call over all items (the best a single process does with the model);
-- through the server: a real ``python -m trl_polar.server`` subprocess on 127.0.0.1, ``--clients`` concurrent
+- through the server: a real ``python -m trl_polar.serving`` subprocess on 127.0.0.1, ``--clients`` concurrent
   clients, each request one group of ``--items-per-request`` items, over real HTTP.
 
 Reported: ``fraction_of_inprocess`` = server items/s at full load / in-process items/s (target >= 0.8), p50/p99
@@ -54,8 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--long-requests", type=int, default=10000)
     p.add_argument("--long-clients", type=int, default=64)
     p.add_argument("--long-items-per-request", type=int, default=1, help="small requests: the most HTTP per item")
-    p.add_argument("--budget", type=int, default=16384, help="PolarScorer max_tokens_per_batch (both sides)")
-    p.add_argument("--max-batch-tokens", type=int, default=65536, help="server: tokens per cross-request batch")
+    p.add_argument("--budget", type=int, default=16384, help="max_tokens_per_batch (both sides)")
     p.add_argument("--batch-window-ms", type=float, default=5.0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
@@ -95,7 +94,7 @@ def start_server(args, model_dir):
     cmd = [
         sys.executable,
         "-m",
-        "trl_polar.server",
+        "trl_polar.serving",
         "--model",
         model_dir,
         "--port",
@@ -103,7 +102,7 @@ def start_server(args, model_dir):
         "--device",
         args.device,
     ]
-    cmd += ["--max-tokens-per-batch", str(args.budget), "--max-batch-tokens", str(args.max_batch_tokens)]
+    cmd += ["--max-tokens-per-batch", str(args.budget)]
     cmd += ["--batch-window-ms", str(args.batch_window_ms), "--max-queue", "100000", "--log-level", "warning"]
     if args.dtype == "bf16":
         cmd += ["--dtype", "bf16"]

@@ -21,9 +21,9 @@ from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 from serving_helpers import API_KEY, ThreadServer, free_port, start_servers  # noqa: E402
 
-from trl_polar.client import PolarClient, PolarClientError  # noqa: E402
 from trl_polar.rewards import PolarReward  # noqa: E402
 from trl_polar.scorer import PolarScorer  # noqa: E402
+from trl_polar.serving.client import PolarClient, PolarClientError  # noqa: E402
 
 TOL = 1e-5
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime number above five."}]

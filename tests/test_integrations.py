@@ -110,3 +110,21 @@ def test_config_file_and_env(tmp_path, polar_env, monkeypatch):
     monkeypatch.delenv("TRL_POLAR_MAX_TOKENS")
     with pytest.raises(ValueError, match="set TRL_POLAR_MODEL"):
         integrations.load_config()
+
+
+def test_openrlhf_extraction_names_the_sample():
+    """The one reading of OpenRLHF samples, shared by the reward file and the server's /get_reward."""
+    from trl_polar.integrations.openrlhf import OpenRLHFInputError, extract_items
+
+    label = json.dumps({"reference": "r", "prompt": "hi"})
+    assert extract_items(["<s>Q: hi A: yo</s>", "Q: x A: z"], ["Q: hi A:", "Q: x A:"], [label, "ref"]) == (
+        ["hi", "Q: x A:"],
+        ["r", "ref"],
+        ["yo", "z"],
+    )
+    with pytest.raises(OpenRLHFInputError, match=r"`labels\[1\]` must be a string") as info:
+        extract_items(["q", "q"], ["q", "q"], ["ok", 3])
+    assert info.value.field == "labels[1]"
+    with pytest.raises(OpenRLHFInputError, match="match one to one") as info:
+        extract_items(["q"], [], [])
+    assert info.value.field == "labels"

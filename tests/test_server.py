@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import signal
 import time
@@ -22,7 +23,7 @@ pytest.importorskip("uvicorn")
 from serving_helpers import API_KEY, HOST, RawHTTP, start_servers  # noqa: E402
 
 from trl_polar.scorer import PolarScorer  # noqa: E402
-from trl_polar.server import Batcher  # noqa: E402
+from trl_polar.serving.batcher import Batcher  # noqa: E402
 from trl_polar.template import PolarTemplate, flatten  # noqa: E402
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -54,10 +55,15 @@ def triples():
 
 @pytest.fixture(scope="module")
 def servers(tiny_qwen2_rm_dir):
-    """The main server (API key, a small body limit) and a server with a queue of 2 and a long batch window."""
+    """The main server (API key, a small body limit) and a server with a queue of 2, a long batch window and a short
+    body timeout."""
     main, small = start_servers(
         (tiny_qwen2_rm_dir, ("--api-key", API_KEY, "--max-body-bytes", str(BODY_LIMIT))),
-        (tiny_qwen2_rm_dir, ("--max-queue", "2", "--batch-window-ms", "400")),
+        # The deprecated --max-batch-tokens still starts the server (it is --max-tokens-per-batch now).
+        (
+            tiny_qwen2_rm_dir,
+            ("--max-queue", "2", "--batch-window-ms", "400", "--max-batch-tokens", "65536", "--body-timeout", "1.5"),
+        ),
     )
     yield {"main": main, "small": small}
     main.stop()
@@ -109,10 +115,11 @@ def test_every_endpoint_matches_inprocess_scorer(servers, scorer):
             ]
             pooling = http.post(url + "/pooling", json={"model": "polar", "input": texts})
             openrlhf = http.post(url + "/get_reward", json={"query": queries, "prompts": plain, "labels": list(refs)})
-            return await asyncio.gather(whole, pooling, openrlhf, *single)
+            classify = http.post(url + "/classify", json={"model": "polar", "text": texts})  # SGLang's shape
+            return await asyncio.gather(whole, pooling, openrlhf, classify, *single)
 
     before = metrics(url)
-    whole, pooling, openrlhf, *single = asyncio.run(run())
+    whole, pooling, openrlhf, classify, *single = asyncio.run(run())
     after = metrics(url)
 
     assert whole.status_code == 200, whole.text
@@ -131,8 +138,10 @@ def test_every_endpoint_matches_inprocess_scorer(servers, scorer):
     assert openrlhf.status_code == 200, openrlhf.text
     assert_close(openrlhf.json()["rewards"], expected_openrlhf)
     assert openrlhf.json()["scores"] == openrlhf.json()["rewards"]
+    assert classify.status_code == 200, classify.text
+    assert_close([r["embedding"][0] for r in classify.json()], expected)
 
-    requests = len(single) + 3
+    requests = len(single) + 4
     batches = after["polar_batches_total"] - before["polar_batches_total"]
     assert (
         after['polar_requests_total{endpoint="/score",status="200"}']
@@ -228,13 +237,15 @@ def test_load_2000_requests_from_32_clients(servers, scorer):
         ("/score", b'{"items": [{"prompt": "p", "reference": "r", "candidate": "c", "wrapper": "chat"}]}', 422,
          "items[0].wrapper"),
         ("/score", b'{"items": [], "options": {"temperature": 1}}', 422, "options.temperature"),
-        ("/score", b'{"items": [], "options": {"max_length": -3}}', 422, "options"),
+        ("/score", b'{"items": [], "options": {"max_length": -3}}', 422, "options.max_length"),
         ("/score", b'{"items": [{"prompt": "p", "reference": "r", "candidate": "c"}], "options": {"max_length": 5}}',
          422, "items[0]"),
         ("/pooling", b'{"inputs": ["x"]}', 422, "input"),
         ("/pooling", b'{"input": [3.5]}', 422, "input[0]"),
         ("/pooling", b'{"input": ["no reward token here"]}', 422, "input[0]"),
         ("/pooling", b'{"input": [[1, 2, 99999999]]}', 422, "input[0]"),
+        ("/classify", b'{"text": "one text"}', 422, "text"),
+        ("/classify", b'{"text": ["no reward token here"]}', 422, "text[0]"),
         ("/get_reward", b'{"query": ["q"], "prompts": ["q"]}', 422, "labels"),
         ("/get_reward", b'{"query": ["q a"], "prompts": ["q", "r"], "labels": ["l"]}', 422, "labels"),
         ("/get_reward", b'{"query": ["q a"], "prompts": ["q"], "labels": [""]}', 422, "labels[0]"),
@@ -257,8 +268,116 @@ def test_malformed_requests_are_refused_naming_the_field(servers, path, body, st
 
 def test_wrong_method_and_unknown_path(servers):
     url = servers["main"].url
-    assert httpx.get(url + "/score", headers=AUTH).status_code == 405
-    assert httpx.post(url + "/nothing", headers=AUTH, json={}).status_code == 404
+    wrong_method = httpx.get(url + "/score", headers=AUTH)
+    assert wrong_method.status_code == 405
+    unknown = httpx.post(url + "/nothing", headers=AUTH, json={})
+    assert unknown.status_code == 404
+    # Both in the documented error envelope, saying what to do instead.
+    assert wrong_method.json()["error"]["code"] == 405 and "POST" in wrong_method.json()["error"]["message"]
+    assert wrong_method.headers["allow"] == "POST"
+    assert unknown.json()["error"] == {
+        "message": unknown.json()["error"]["message"], "type": "not_found", "code": 404,
+    }  # fmt: skip
+    assert "/score" in unknown.json()["error"]["message"] and "/nothing" in unknown.json()["error"]["message"]
+
+
+ITEM = b'{"prompt": "p", "reference": "r", "candidate": "c"}'
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field", "says"),
+    [
+        (b'{"items": [{"prompt": "\\ud800", "reference": "r", "candidate": "c"}]}', 422, "items[0].prompt",
+         "surrogate"),
+        (b'{"items": [{"prompt": [{"role": "user", "content": "a\\udfff"}], "reference": "r", "candidate": "c"}]}',
+         422, "items[0].prompt[0].content", "surrogate"),
+        (b'{"id": "\\ud800", "items": [' + ITEM + b"]}", 422, "id", "surrogate"),
+        (b'{"id": NaN, "items": [' + ITEM + b"]}", 400, "body", "NaN"),
+        (b'{"id": -Infinity, "items": [' + ITEM + b"]}", 400, "body", "Infinity"),
+        (b'{"id": 1e999, "items": [' + ITEM + b"]}", 422, "id", "finite"),
+        (b'{"items": [' + ITEM + b'], "options": {"max_length": 1000000000}}', 422, "options.max_length",
+         "max_length=16384"),
+        (b'{"items": [' + ITEM + b'], "options": {"max_response_length": 4097}}', 422,
+         "options.max_response_length", "max_response_length=4096"),
+    ],
+)  # fmt: skip
+def test_hostile_values_are_refused_before_any_work(servers, body, status, field, says):
+    """Text no tokenizer can take, ids no JSON answer can carry, and limits above the server's: 4xx, nothing scored."""
+    url = servers["main"].url
+    before = metrics(url)["polar_batches_total"]
+    response = httpx.post(url + "/score", headers={**AUTH, "Content-Type": "application/json"}, content=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["field"] == field and says in error["message"], error
+    assert metrics(url)["polar_batches_total"] == before
+    for path, payload in (
+        ("/pooling", b'{"input": ["x\\ud800"]}'),
+        ("/get_reward", b'{"query": ["q"], "prompts": ["q"], "labels": ["\\udc00"]}'),
+    ):
+        response = httpx.post(url + path, headers={**AUTH, "Content-Type": "application/json"}, content=payload)
+        assert response.status_code == 422 and "surrogate" in response.json()["error"]["message"]
+    # Options may lower the limits (the item is then cut to fit).
+    lower = {
+        "items": [{"prompt": "p", "reference": "r " * 50, "candidate": "c"}],
+        "options": {"max_response_length": 8},
+    }
+    response = httpx.post(url + "/score", headers=AUTH, json=lower)
+    assert response.status_code == 200 and response.json()["truncated"] == 1
+
+
+def test_slow_senders_cannot_lock_others_out(servers, scorer):
+    """Four clients send headers and 11 bytes of a body, then stall: they hold no place in the queue of 2, a
+    normal client is still answered, and each stalled one gets 408 once --body-timeout (1.5 s) has passed."""
+    import socket
+
+    server = servers["small"]
+    item = {"prompt": PROMPTS[0], "reference": REFERENCES[0], "candidate": "4"}
+    expected = scorer.score([PROMPTS[0]], [REFERENCES[0]], ["4"])
+    head = f"POST /score HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+    slow = []
+    for _ in range(4):
+        sock = socket.create_connection((HOST, server.port), timeout=10)
+        sock.sendall(head.encode() + b'{"items": [')
+        slow.append(sock)
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        for _ in range(3):
+            response = httpx.post(server.url + "/score", json={"items": [item]}, timeout=30)
+            assert response.status_code == 200, response.text
+            assert_close(response.json()["scores"], expected)
+        assert time.monotonic() - started < 1.5  # answered while the slow ones still hold their connections
+        for sock in slow:
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+            status_line, _, rest = answer.partition(b"\r\n")
+            assert b" 408 " in status_line, answer
+            error = json.loads(rest.split(b"\r\n\r\n", 1)[1])["error"]
+            assert error["code"] == 408 and error["field"] == "body" and "--body-timeout" in error["message"]
+    finally:
+        for sock in slow:
+            sock.close()
+    assert httpx.get(server.url + "/health").json()["in_flight"] == 0
+
+
+def test_an_empty_api_key_is_refused_at_start(tiny_qwen2_rm_dir):
+    import subprocess
+    import sys
+
+    from serving_helpers import REPO
+
+    for args, env in ((["--api-key", ""], {}), ([], {"TRL_POLAR_API_KEY": ""})):
+        cmd = [sys.executable, "-m", "trl_polar.serving", "--model", tiny_qwen2_rm_dir, "--port", "1", *args]
+        environ = {k: v for k, v in os.environ.items() if k != "TRL_POLAR_API_KEY"}
+        out = subprocess.run(cmd, cwd=REPO, env={**environ, **env}, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1, out.stderr
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("Error: ") and "empty" in last and "without authentication" in last, out.stderr
+        assert "Traceback" not in out.stderr
 
 
 def test_oversized_body_gets_413(servers):
@@ -318,7 +437,7 @@ def test_batcher_isolates_a_failing_request(scorer):
     good = [template.encode(p, r, c) for p, r, c in triples()[:4]]
     expected = scorer.score_ids(good)
     broken = [[len(template.tokenizer) + 1000, template.reward_token_id]]  # an id past the embedding table
-    batcher = Batcher(scorer, max_tokens=10**6, window_s=0.2)
+    batcher = Batcher(scorer, max_tokens_per_batch=10**6, window_s=0.2)
     batcher.start()
 
     async def run():
@@ -334,11 +453,11 @@ def test_batcher_isolates_a_failing_request(scorer):
         batcher.close(timeout=10)
 
 
-def test_serve_command_registers_with_typer():
+def test_serve_command_registers_with_typer(caplog):
     import typer
     from typer.testing import CliRunner
 
-    from trl_polar.server import serve_command
+    from trl_polar.serving.command import _budget, serve_command
 
     app = typer.Typer()
     app.command("serve")(serve_command)
@@ -350,11 +469,19 @@ def test_serve_command_registers_with_typer():
         "--host",
         "--port",
         "--api-key",
-        "--max-batch-tokens",
+        "--max-tokens-per-batch",
         "--max-queue",
         "--max-body-bytes",
     ):
         assert option in result.output
+    # --max-batch-tokens, the old name of the one token budget, still works (hidden, with a warning).
+    assert "--max-batch-tokens" not in result.output
+    with caplog.at_level("WARNING"):
+        assert _budget(None, 4096) == 4096
+    assert "--max-batch-tokens is deprecated" in caplog.text
+    assert _budget(2048, None) == 2048
+    both = CliRunner().invoke(app, ["serve", "--model", "m", "--max-batch-tokens", "5", "--max-tokens-per-batch", "6"])
+    assert both.exit_code == 2 and "pass only --max-tokens-per-batch" in both.output
 
 
 def test_graceful_shutdown_finishes_admitted_requests(servers, scorer):
@@ -385,3 +512,85 @@ def test_graceful_shutdown_finishes_admitted_requests(servers, scorer):
     assert server.proc.wait(timeout=30) in (0, -signal.SIGTERM)
     with pytest.raises(httpx.TransportError):
         httpx.get(url + "/health", timeout=2)
+
+
+def test_every_endpoint_and_engine_shape_matches_the_openapi_schema(servers, scorer):
+    """Example requests and answers of every endpoint, and every engine shape the client sends and reads, conform
+    to the schema the server publishes at /openapi.json (generated from the wire models)."""
+    from serving_helpers import schema_problems
+
+    from trl_polar.serving.backends import BACKENDS, parse_scores
+
+    url = servers["main"].url
+    spec = httpx.get(url + "/openapi.json", timeout=10).json()
+    assert httpx.get(url + "/docs", timeout=10).status_code == 200
+    schemas = spec["components"]["schemas"]
+
+    def body_schema(path):
+        return spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+
+    def answer_schema(path, status=200, method="post"):
+        return spec["paths"][path][method]["responses"][str(status)]["content"]["application/json"]["schema"]
+
+    def conforms(value, schema):
+        problems = schema_problems(value, schema, spec)
+        assert not problems, (value, problems)
+
+    template = scorer.template
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    texts = [template.format(PROMPTS[0], REFERENCES[0], c) for c in CANDIDATES[0][:2]]
+    requests = {
+        "/score": {
+            "id": 17,
+            "items": [
+                {"prompt": PROMPTS[0], "reference": REFERENCES[0], "candidate": "4"},
+                {"prompt": messages, "reference": REFERENCES[0], "output": "5", "wrapper": "pretrain"},
+            ],
+            "options": {"wrapper": "sft", "max_response_length": 2048, "response_cut_side": "left"},
+        },
+        "/pooling": {"model": "polar", "input": texts},  # lmdeploy's shape, as the official client sends it
+        "/classify": {"model": "polar", "text": texts},  # SGLang's
+        "/get_reward": {"query": [f"<s>{PROMPTS[1]} bonjour</s>"], "prompts": [PROMPTS[1]], "labels": [REFERENCES[1]]},
+    }
+    # vLLM's pooling request: one text, or token ids.
+    vllm = [{"input": texts[0]}, {"input": template.encode(PROMPTS[0], REFERENCES[0], "4")}]
+    for path, body in [*requests.items(), *(("/pooling", b) for b in vllm)]:
+        conforms(body, body_schema(path))
+        response = httpx.post(url + path, headers=AUTH, json=body, timeout=30)
+        assert response.status_code == 200, response.text
+        conforms(response.json(), answer_schema(path))
+    health = httpx.get(url + "/health", timeout=10)
+    conforms(health.json(), answer_schema("/health", method="get"))
+    refused = httpx.post(url + "/score", headers=AUTH, json={"items": [{"prompt": "p"}]}, timeout=10)
+    assert refused.status_code == 422
+    conforms(refused.json(), answer_schema("/score", 422))
+    unauthorized = httpx.post(url + "/score", json=requests["/score"], timeout=10)
+    conforms(unauthorized.json(), answer_schema("/score", 401))
+
+    # What PolarClient sends to each engine, and the answers it reads from them.
+    endpoint_of = {"trl-polar": "/score", "lmdeploy": "/pooling", "vllm": "/pooling", "sglang": "/classify"}
+    for name, backend in BACKENDS.items():
+        assert backend.endpoint == endpoint_of[name]
+        items = [backend.item(template, PROMPTS[0], REFERENCES[0], c, "sft") for c in ("4", "5")]
+        conforms(backend.request(items, "polar", "sft"), body_schema(backend.endpoint))
+    answers = {
+        "trl-polar": {"scores": [0.5, -1.0], "truncated": 0, "id": "a"},
+        "lmdeploy": {"object": "list", "data": [{"index": 0, "object": "pooling", "data": 0.5},
+                                                {"index": 1, "object": "pooling", "data": -1.0}]},
+        "vllm": {"id": "pool-1", "object": "list", "created": 0, "model": "m",
+                 "data": [{"index": 1, "object": "pooling", "data": [[-50.0], [-1.0]]},
+                          {"index": 0, "object": "pooling", "data": [-50.0, 0.5]}],
+                 "usage": {"prompt_tokens": 9, "total_tokens": 9}},
+        "sglang": [{"index": 0, "embedding": [0.5], "meta_info": {"id": "0"}}, {"index": 1, "embedding": [-1.0]}],
+    }  # fmt: skip
+    for name, answer in answers.items():
+        conforms(answer, answer_schema(BACKENDS[name].endpoint))
+        assert parse_scores(name, answer, 2) == [0.5, -1.0]
+    # The schema refuses what the server refuses, and names every field of the wire models.
+    assert schema_problems({"items": [{"prompt": "p", "reference": "r"}]}, body_schema("/score"), spec)
+    assert schema_problems({"items": [], "options": {"max_length": 0}}, body_schema("/score"), spec)
+    from trl_polar.serving import protocol
+
+    for model in (*protocol.REQUEST_MODELS, *protocol.RESPONSE_MODELS, protocol.ScoreItem, protocol.ScoreOptions):
+        if hasattr(model, "model_fields") and "root" not in model.model_fields:
+            assert set(model.model_fields) <= set(schemas[model.__name__]["properties"]), model.__name__

@@ -17,7 +17,7 @@ _LAZY = {
     "PolarRewardTrainer": "trainer",
     "PolarScorer": "scorer",
     "PolarReward": "rewards",
-    "PolarClient": "client",
+    "PolarClient": "serving.client",
     "load_preference_dataset": "data_loading",
     "load_reward_model": "modeling",
     "prepare_reward_model": "modeling",
@@ -44,13 +44,13 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .client import PolarClient
     from .collator import PolarDataCollator
     from .config import PolarConfig
     from .data_loading import load_preference_dataset
     from .modeling import add_polar_tokens, load_reward_model, prepare_reward_model
     from .rewards import PolarReward
     from .scorer import PolarScorer
+    from .serving.client import PolarClient
     from .trainer import PolarRewardTrainer
 
 

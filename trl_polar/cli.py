@@ -226,7 +226,7 @@ def evaluate(
 
         scorer = PolarScorer(model, max_tokens_per_batch=max_tokens_per_batch, dtype="auto", show_progress=True)
     else:
-        from .client import PolarClient
+        from .serving.client import PolarClient
 
         scorer = PolarClient(url=url)
     rows = load_preference_dataset(data, split=split)
@@ -282,7 +282,7 @@ def score(
     if (model is None) == (url is None):
         raise CLIError("Pass exactly one of --model (score locally) or --url (score with a server).")
     if url is not None:
-        from .client import PolarClient
+        from .serving.client import PolarClient
 
         scorer: Any = PolarClient(url=url)
     else:
@@ -322,7 +322,7 @@ def quickstart(
 def _register_commands() -> None:
     # These commands live next to the code they drive; importing them loads neither torch nor FastAPI.
     from .data.cli import build_data_command, convert_data_command
-    from .server import serve_command
+    from .serving.command import serve_command
 
     app.command("build-data")(build_data_command)
     app.command("convert-data")(convert_data_command)

@@ -125,7 +125,7 @@ class PolarReward:
         sigmoid_scale: map the reward through ``sigmoid(reward / sigmoid_scale)``, last.
         name: the metric name TRL logs this reward under (``rewards/<name>/mean``).
         log_stats: log raw-reward statistics through TRL's ``log_metric``.
-        url, urls: score remotely instead: one server or several replicas (`trl_polar.client.PolarClient`): a
+        url, urls: score remotely instead: one server or several replicas (`trl_polar.serving.client.PolarClient`): a
             ``trl-polar serve`` server, or vLLM / SGLang / lmdeploy serving a POLAR model (``backend``).
         backend: "trl-polar" (default), "vllm", "sglang" or "lmdeploy".
         api_key: the server's API key, if it has one.
@@ -167,7 +167,7 @@ class PolarReward:
         if url is not None or urls is not None:
             if model_or_scorer is not None:
                 raise ValueError("Pass either a model (or scorer) or url/urls, not both.")
-            from .client import PolarClient
+            from .serving.client import PolarClient
 
             model_or_scorer = PolarClient(
                 url=url, urls=urls, backend=backend, api_key=api_key, wrapper=wrapper, **(client_kwargs or {})

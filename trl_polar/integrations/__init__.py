@@ -109,7 +109,7 @@ def get_reward(environ: dict[str, str] | None = None) -> Any:
             from trl_polar.rewards import PolarReward
 
             if config.get("url"):
-                from trl_polar.client import PolarClient
+                from trl_polar.serving.client import PolarClient
 
                 # A comma-separated list is a set of replicas with failover.
                 urls = [u.strip() for u in config["url"].split(",") if u.strip()]

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from trl_polar.integrations import get_reward, to_python
+from trl_polar.template import Text, flatten
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,16 @@ logger = logging.getLogger(__name__)
 DEFAULT_STOP_STRINGS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|end|>", "<eos>")
 
 
-def _stop_strings() -> tuple[str, ...]:
+class OpenRLHFInputError(ValueError):
+    """A sample that cannot be scored; ``field`` names it as OpenRLHF's request does (``labels[3]``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def stop_strings() -> tuple[str, ...]:
+    """The end-of-turn markers cut off a response: ``TRL_POLAR_STOP_STRINGS`` (comma-separated), or the defaults."""
     value = os.environ.get("TRL_POLAR_STOP_STRINGS")
     if value is None:
         return DEFAULT_STOP_STRINGS
@@ -81,6 +91,42 @@ def _label(label: Any, index: int) -> tuple[Any, Any]:
     return label, None
 
 
+def extract_items(
+    queries: Sequence[str], prompts: Sequence[str], labels: Sequence[Any]
+) -> tuple[list[Text], list[Text], list[str]]:
+    """(POLAR prompts, references, responses) of OpenRLHF's ``(queries, prompts, labels)``: the reward file and the
+    server's ``/get_reward`` read samples here.
+
+    The label is the reference, or ``{"reference", "prompt"}`` whose prompt replaces the chat-templated one; the
+    response is the query after its prompt, end-of-turn markers removed. Raises `OpenRLHFInputError`.
+    """
+    if not len(queries) == len(prompts) == len(labels):
+        raise OpenRLHFInputError(
+            "labels",
+            f"OpenRLHF passed {len(queries)} queries, {len(prompts)} prompts and {len(labels)} labels; they must "
+            "match one to one.",
+        )
+    stops = stop_strings()
+    polar_prompts, references, responses = [], [], []
+    for i, (query, prompt, label) in enumerate(zip(queries, prompts, labels, strict=True)):
+        try:
+            reference, prompt_override = _label(label, i)
+            if reference is None or (isinstance(reference, str) and not reference.strip()):
+                raise ValueError(
+                    f"labels[{i}] is empty. POLAR needs the reference answer as the label: pass --data.label_key "
+                    "(older releases: --label_key) naming the dataset column that holds it."
+                )
+            flatten(reference, f"labels[{i}]")
+            if prompt_override is not None:
+                flatten(prompt_override, f"labels[{i}].prompt")
+        except ValueError as err:
+            raise OpenRLHFInputError(f"labels[{i}]", str(err)) from None
+        responses.append(response_from_query(query, prompt, stops))
+        polar_prompts.append(prompt_override if prompt_override is not None else prompt)
+        references.append(reference)
+    return polar_prompts, references, responses
+
+
 def reward_func(queries: Sequence[str], prompts: Sequence[str], labels: Sequence[Any], **kwargs: Any) -> dict:
     """POLAR rewards in OpenRLHF's format: ``{"rewards": tensor, "scores": tensor, "extra_logs": {...}}``.
 
@@ -88,23 +134,7 @@ def reward_func(queries: Sequence[str], prompts: Sequence[str], labels: Sequence
     """
     queries, prompts = to_python(queries), to_python(prompts)
     labels = to_python(labels) if labels is not None else [None] * len(queries)
-    if not len(queries) == len(prompts) == len(labels):
-        raise ValueError(
-            f"OpenRLHF passed {len(queries)} queries, {len(prompts)} prompts and {len(labels)} labels; they must "
-            "match one to one."
-        )
-    stops = _stop_strings()
-    polar_prompts, references, responses = [], [], []
-    for i, (query, prompt, label) in enumerate(zip(queries, prompts, labels, strict=True)):
-        reference, prompt_override = _label(label, i)
-        if reference is None or (isinstance(reference, str) and not reference.strip()):
-            raise ValueError(
-                f"labels[{i}] is empty. POLAR needs the reference answer as the label: pass --data.label_key (older "
-                "releases: --label_key) naming the dataset column that holds it."
-            )
-        responses.append(response_from_query(query, prompt, stops))
-        polar_prompts.append(prompt_override if prompt_override is not None else prompt)
-        references.append(reference)
+    polar_prompts, references, responses = extract_items(queries, prompts, labels)
     rewards, raw = get_reward().compute(polar_prompts, responses, references)
     values = torch.tensor([float(r) for r in rewards], dtype=torch.float32)
     raw_values = torch.tensor([float(r) for r in raw], dtype=torch.float32)

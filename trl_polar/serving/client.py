@@ -1,18 +1,8 @@
 """PolarClient: score (prompt, reference, candidate) triples on remote servers, and never return None.
 
-Backends, each in the request/response shape its server uses:
-
-- ``"trl-polar"``: this project's server (``trl-polar serve``), ``POST /score`` with the raw triples; the server
-  formats them with its own template.
-- ``"lmdeploy"``: ``POST /pooling {"input": [text, ...]}`` -> ``data[i].data`` is the score.
-- ``"vllm"``: ``POST /pooling {"input": [text, ...]}`` -> ``data[i].data`` holds per-token values (ALL pooling, as
-  vLLM's InternLM2 reward model does) or one value: the score is the last one.
-- ``"sglang"``: ``POST /classify {"model": name, "text": [text, ...]}`` -> a list whose ``item.embedding[0]`` is the
-  score.
-
-For the last three the client builds each text with `PolarTemplate.format` (exactly what the official POLAR client
-sends, reward-token text included), so it needs the template: ``template=`` a `PolarTemplate`, or a path to the
-reward model (or its tokenizer).
+The backends ("trl-polar", this project's server, and the engines vLLM, SGLang and lmdeploy) are the adapters of
+`trl_polar.serving.backends`. For the engines the client builds each text with `PolarTemplate.format`, so it needs
+the template: ``template=`` a `PolarTemplate`, or a path to the reward model (or its tokenizer).
 
 What the official client lacks and this one does: requests split into chunks of ``chunk_size`` items and sent
 concurrently (at most ``max_concurrency`` in flight), timeouts on every request, retries with exponential backoff
@@ -29,7 +19,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import math
 import os
 import random
 import threading
@@ -37,12 +26,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .template import PolarTemplate, Text, flatten
+from ..template import WRAPPERS, PolarTemplate, Text
+from .backends import BACKENDS, parse_scores
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("trl-polar", "vllm", "sglang", "lmdeploy")
-ENDPOINTS = {"trl-polar": "/score", "vllm": "/pooling", "lmdeploy": "/pooling", "sglang": "/classify"}
 # Status codes worth another try (elsewhere): the server is overloaded, restarting or timed out.
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
@@ -91,68 +79,27 @@ def _normalize_url(url: str, endpoint: str) -> str:
     return url if url.endswith(endpoint) else url + endpoint
 
 
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _Failure(f"{where} is {value!r:.80}, not a number", retryable=False)
-    value = float(value)
-    if not math.isfinite(value):
-        raise _Failure(f"{where} is {value}, not a finite number", retryable=False)
-    return value
+def _targets(url: str | None, urls: Sequence[str] | str | None) -> list[str]:
+    if url is not None and urls is not None:
+        raise ValueError("Pass either `url` (one server) or `urls` (replicas), not both.")
+    if isinstance(urls, str):
+        urls = [urls]
+    targets = [url] if url is not None else list(urls or [])
+    if not targets:
+        raise ValueError("PolarClient needs a server: pass url='http://host:port' or urls=[...].")
+    return targets
 
 
-def _last_value(data: Any, where: str) -> float:
-    """The score inside a pooling item: a number, ``[v]``, per-token ``[v1, ..., vn]`` or ``[[v1], ..., [vn]]``."""
-    if isinstance(data, list):
-        if not data:
-            raise _Failure(f"{where} is an empty list", retryable=False)
-        last = data[-1]
-        if isinstance(last, list):
-            if len(last) != 1:
-                raise _Failure(f"{where}[-1] has {len(last)} values; a reward model has one", retryable=False)
-            return _number(last[0], f"{where}[-1][0]")
-        return _number(last, f"{where}[-1]")
-    return _number(data, where)
-
-
-def parse_response(backend: str, body: Any, n: int) -> list[float]:
-    """Scores from a server's JSON answer to ``n`` inputs, in input order; a wrong shape or count is an error."""
-    if backend == "trl-polar":
-        scores = body.get("scores") if isinstance(body, dict) else None
-        if not isinstance(scores, list):
-            raise _Failure(f"the answer has no `scores` list: {str(body):.200}", retryable=False)
-        values = [_number(s, f"scores[{i}]") for i, s in enumerate(scores)]
-    elif backend in ("vllm", "lmdeploy"):
-        data = body.get("data") if isinstance(body, dict) else None
-        if not isinstance(data, list):
-            raise _Failure(f"the answer has no `data` list: {str(body):.200}", retryable=False)
-        values = _indexed(data, n, lambda item, i: _last_value(item.get("data"), f"data[{i}].data"))
-    else:  # sglang: a list of {"embedding": [score], ...}; one input may come back as a bare object
-        items = [body] if isinstance(body, dict) and n == 1 else body
-        if not isinstance(items, list):
-            raise _Failure(f"the answer is not a list of results: {str(body):.200}", retryable=False)
-
-        def embedding(item: dict, i: int) -> float:
-            emb = item.get("embedding")
-            if not isinstance(emb, list) or not emb:
-                raise _Failure(f"item {i} has no `embedding` list", retryable=False)
-            return _number(emb[0], f"[{i}].embedding[0]")
-
-        values = _indexed(items, n, embedding)
-    if len(values) != n:
-        raise _Failure(f"the answer holds {len(values)} scores for {n} inputs", retryable=False)
-    return values
-
-
-def _indexed(items: list, n: int, value_of) -> list[float]:
-    # Servers may answer out of order; every item then carries its input's index.
-    if not all(isinstance(item, dict) for item in items):
-        raise _Failure("the answer's items are not objects", retryable=False)
-    if all("index" in item for item in items) and items:
-        indices = [item["index"] for item in items]
-        if sorted(indices) != list(range(len(items))):
-            raise _Failure(f"the answer's indices {indices[:20]} are not 0..{len(items) - 1}", retryable=False)
-        items = sorted(items, key=lambda item: item["index"])
-    return [value_of(item, i) for i, item in enumerate(items)]
+def _check_settings(**settings: Any) -> None:
+    for name in ("max_retries", "max_concurrency", "chunk_size"):
+        value, low = settings[name], 0 if name == "max_retries" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+    for name in ("timeout", "connect_timeout"):
+        if not (isinstance(settings[name], (int, float)) and settings[name] > 0):
+            raise ValueError(f"`{name}` must be a positive number of seconds, got {settings[name]!r}.")
+    if not all(settings[name] >= 0 for name in ("backoff", "max_backoff", "cooldown")):
+        raise ValueError("`backoff`, `max_backoff` and `cooldown` must be >= 0.")
 
 
 def _load_template(template: Any) -> PolarTemplate:
@@ -162,7 +109,7 @@ def _load_template(template: Any) -> PolarTemplate:
         path = str(template)
         if os.path.isfile(os.path.join(path, "config.json")):
             return PolarTemplate.from_pretrained(path)
-        from .hub import load_tokenizer
+        from ..hub import load_tokenizer
 
         return PolarTemplate(load_tokenizer(path))
     raise ValueError(
@@ -218,34 +165,19 @@ class PolarClient:
         cooldown: float = 5.0,
     ) -> None:
         if backend not in BACKENDS:
-            raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
-        if url is not None and urls is not None:
-            raise ValueError("Pass either `url` (one server) or `urls` (replicas), not both.")
-        if isinstance(urls, str):
-            urls = [urls]
-        targets = [url] if url is not None else list(urls or [])
-        if not targets:
-            raise ValueError("PolarClient needs a server: pass url='http://host:port' or urls=[...].")
-        for name, value, low in (
-            ("max_retries", max_retries, 0),
-            ("max_concurrency", max_concurrency, 1),
-            ("chunk_size", chunk_size, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
-        for name, value in (("timeout", timeout), ("connect_timeout", connect_timeout)):
-            if not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"`{name}` must be a positive number of seconds, got {value!r}.")
-        if not (backoff >= 0 and max_backoff >= 0 and cooldown >= 0):
-            raise ValueError("`backoff`, `max_backoff` and `cooldown` must be >= 0.")
-        if wrapper not in ("sft", "pretrain"):
-            raise ValueError(f"`wrapper` must be 'sft' or 'pretrain', got {wrapper!r}.")
+            raise ValueError(f"`backend` must be one of {tuple(BACKENDS)}, got {backend!r}.")
+        _check_settings(
+            max_retries=max_retries, max_concurrency=max_concurrency, chunk_size=chunk_size, timeout=timeout,
+            connect_timeout=connect_timeout, backoff=backoff, max_backoff=max_backoff, cooldown=cooldown,
+        )  # fmt: skip
+        if wrapper not in WRAPPERS:
+            raise ValueError(f"`wrapper` must be one of {WRAPPERS}, got {wrapper!r}.")
         self.backend = backend
-        self.endpoint = ENDPOINTS[backend]
-        self.urls = [_normalize_url(u, self.endpoint) for u in targets]
+        self.endpoint = BACKENDS[backend].endpoint
+        self.urls = [_normalize_url(u, self.endpoint) for u in _targets(url, urls)]
         self.api_key = api_key
         self.template = None
-        if backend != "trl-polar":
+        if BACKENDS[backend].formats:
             if template is None:
                 raise ValueError(
                     f"backend={backend!r} sends formatted text, so the client needs the template: pass "
@@ -383,33 +315,15 @@ class PolarClient:
 
     # ------------------------------------------------------------------------------------------------ internals
     def _payloads(self, prompts, references, candidates, wrapper: str) -> list[tuple[dict, int]]:
-        n = len(candidates)
-        if self.backend == "trl-polar":
-            items = []
-            for i in range(n):
-                for name, value in (
-                    ("prompts", prompts[i]),
-                    ("references", references[i]),
-                    ("candidates", candidates[i]),
-                ):
-                    flatten(value, f"{name}[{i}]")  # fail here, naming the item, rather than with a 422
-                items.append({"prompt": prompts[i], "reference": references[i], "candidate": candidates[i]})
-            chunks = [items[i : i + self.chunk_size] for i in range(0, n, self.chunk_size)]
-            return [({"items": chunk, "options": {"wrapper": wrapper}}, len(chunk)) for chunk in chunks]
-        texts = []
-        for i in range(n):
+        backend = BACKENDS[self.backend]
+        items = []
+        for i, triple in enumerate(zip(prompts, references, candidates)):
             try:
-                texts.append(self.template.format(prompts[i], references[i], candidates[i], wrapper))
+                items.append(backend.item(self.template, *triple, wrapper))
             except ValueError as err:
                 raise ValueError(f"Item {i}: {err}") from err
-        payloads = []
-        for at in range(0, n, self.chunk_size):
-            chunk = texts[at : at + self.chunk_size]
-            body: dict[str, Any] = {"text": chunk} if self.backend == "sglang" else {"input": chunk}
-            if self.model_name:
-                body["model"] = self.model_name
-            payloads.append((body, len(chunk)))
-        return payloads
+        chunks = [items[at : at + self.chunk_size] for at in range(0, len(items), self.chunk_size)]
+        return [(backend.request(chunk, self.model_name, wrapper), len(chunk)) for chunk in chunks]
 
     async def _score(self, prompts, references, candidates, wrapper) -> list[float]:
         for name, value in (("prompts", prompts), ("references", references), ("candidates", candidates)):
@@ -529,9 +443,9 @@ class PolarClient:
             # A truncated or garbled answer (e.g. a proxy error page): another attempt may well succeed.
             raise _Failure(f"the answer is not JSON: {response.text[:200]!r}", retryable=True, status=status) from None
         try:
-            return parse_response(self.backend, body, n)
-        except _Failure as failure:
-            raise _Failure(f"bad answer from a {self.backend} server: {failure}", False, status) from None
+            return parse_scores(self.backend, body, n)
+        except ValueError as err:
+            raise _Failure(f"bad answer from a {self.backend} server: {err}", False, status) from None
 
 
 def _error_message(response: Any) -> str:

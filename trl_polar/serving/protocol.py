@@ -1,0 +1,427 @@
+"""The wire format: pydantic models of every endpoint of the server and of every engine shape the client reads.
+
+The server validates request bodies with these models and writes its answers from them; the client reads the
+answers of its backends (this project's server, vLLM, SGLang, lmdeploy) with them; ``/openapi.json`` is generated
+from them. A refusal is always the one envelope `ErrorEnvelope`: ``{"error": {"message", "type", "code", "field"}}``,
+where ``field`` is the path of the offending value (``items[3].prompt``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import typing
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    RootModel,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from ..template import CUT_SIDES, WRAPPERS, flatten
+
+Wrapper = Literal[WRAPPERS]
+
+ERROR_TYPES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "payload_too_large",
+    422: "invalid_request",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP status, a message that names the field and the fix, the field."""
+
+    def __init__(self, status: int, message: str, field: str | None = None, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+        self.headers = headers or {}
+
+
+# ---------------------------------------------------------------------------------------------------- value types
+def _text(value: Any, info: Any) -> Any:
+    flatten(value, info.field_name or "text")  # raises ValueError naming what is wrong and the fix
+    return value
+
+
+_CONTENT_PART_SCHEMA = {
+    "type": "object",
+    "properties": {"type": {"type": "string"}, "text": {"type": "string"}},
+}
+_MESSAGE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "role": {"type": "string"},
+        # A string, or content parts whose text parts are read (`trl_polar.template.message_text`).
+        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _CONTENT_PART_SCHEMA}]},
+    },
+    "required": ["content"],
+}
+Text = Annotated[
+    Any,
+    PlainValidator(_text),
+    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": _MESSAGE_SCHEMA}]}),
+]
+
+
+def _request_id(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"must be a string or a number (it is echoed back to match answers), got {value!r:.80}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value}")
+    return value
+
+
+RequestId = Annotated[
+    Any,
+    PlainValidator(_request_id),
+    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "number"}], "description": "Echoed back in the answer."}),
+]
+Score = Annotated[float, Field(allow_inf_nan=False)]
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+class ErrorBody(BaseModel):
+    message: str = Field(description="What is wrong and how to fix it.")
+    type: str = Field(description="invalid_request, unauthorized, not_found, payload_too_large, unavailable, ...")
+    code: int = Field(description="The HTTP status code.")
+    field: str | None = Field(None, description="The path of the offending value, e.g. `items[3].prompt`.")
+
+
+class ErrorEnvelope(BaseModel):
+    """Every refusal of the server, whatever the endpoint or the status."""
+
+    error: ErrorBody
+
+
+def error_body(err: RequestError) -> dict:
+    body = ErrorBody(message=err.message, type=ERROR_TYPES.get(err.status, "error"), code=err.status, field=err.field)
+    return ErrorEnvelope(error=body).model_dump(exclude_none=True)
+
+
+# ---------------------------------------------------------------------------------------------------- /score
+def _candidate_or_output(schema: dict) -> None:
+    schema["properties"]["output"] = {
+        **schema["properties"]["candidate"],
+        "title": "Output",
+        "description": "`candidate`'s other name.",
+    }
+    schema["required"] = [name for name in schema["required"] if name != "candidate"]
+    schema["anyOf"] = [{"required": ["candidate"]}, {"required": ["output"]}]
+
+
+class ScoreItem(BaseModel):
+    model_config = ConfigDict(json_schema_extra=_candidate_or_output)
+
+    prompt: Text = Field(description="The prompt: a string or a list of messages.")
+    reference: Text = Field(description="The reference answer the candidate is compared with.")
+    candidate: Text = Field(description="The answer to score (`output`, the official client's name, works too).")
+    wrapper: Wrapper | None = Field(None, description="sft or pretrain; default: `options.wrapper`.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _output_is_candidate(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "candidate" not in data and "output" in data:
+            return {**data, "candidate": data["output"]}
+        return data
+
+
+class ScoreOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    wrapper: Wrapper = Field("sft", description="The wrapper of items that name none.")
+    max_length: int | None = Field(None, gt=0, description="A lower total token budget for this request.")
+    max_response_length: int | None = Field(None, gt=0, description="A lower per-response budget for this request.")
+    response_cut_side: Literal[CUT_SIDES] | None = Field(None, description="Which end of a long response is kept.")
+
+    @field_validator("max_length", "max_response_length")
+    @classmethod
+    def _at_most_the_servers(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # The server's limits arrive as the validation context: a request may lower them, never raise them.
+        limit = (info.context or {}).get(info.field_name)
+        if value is not None and limit is not None and value > limit:
+            raise ValueError(
+                f"{value} is over the server's {info.field_name}={limit}; a request may lower the limit, not raise "
+                f"it (send at most {limit}, or start the server with a larger template limit)"
+            )
+        return value
+
+    def template_overrides(self) -> tuple[tuple[str, Any], ...]:
+        """The template settings this request changes, as a hashable key (empty: the server's own template)."""
+        return tuple(sorted((k, v) for k, v in self.model_dump(exclude={"wrapper"}).items() if v is not None))
+
+
+class ScoreRequest(BaseModel):
+    """``POST /score``: this project's schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[ScoreItem] = Field(description="The (prompt, reference, candidate) triples to score.")
+    options: ScoreOptions | None = Field(None, description="wrapper and template limits for this request.")
+    id: RequestId | None = Field(None, description="Echoed back, to match answers to requests.")
+
+
+class ScoreResponse(BaseModel):
+    scores: list[Score] = Field(description="One score per item, in order.")
+    truncated: int = Field(0, description="Items the template had to cut to fit its limits.")
+    id: RequestId | None = Field(None, description="The request's `id`, when it had one.")
+
+
+# ---------------------------------------------------------------------------------------------------- /pooling
+def _as_input_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+        return [value]  # one sequence of token ids
+    return value
+
+
+def _pooling_input(value: Any) -> Any:
+    ids = isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    if not (isinstance(value, str) or ids):
+        raise ValueError(f"must be a string or a non-empty list of token ids, got {value!r:.80}")
+    return value
+
+
+_INPUT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "integer"}, "minItems": 1}]}
+PoolingInput = Annotated[Any, PlainValidator(_pooling_input), WithJsonSchema(_INPUT_SCHEMA)]
+
+
+class PoolingRequest(BaseModel):
+    """``POST /pooling``: what the official POLAR client sends to lmdeploy, and vLLM's pooling request."""
+
+    input: Annotated[
+        list[PoolingInput],
+        BeforeValidator(_as_input_list),
+        WithJsonSchema({"anyOf": [*_INPUT_SCHEMA["anyOf"], {"type": "array", "items": _INPUT_SCHEMA}]}),
+    ] = Field(description="Texts built by PolarTemplate.format (reward-token text included), or token-id lists.")
+    model: str | None = Field(None, description="The model name the answer carries.")
+
+
+class PoolingData(BaseModel):
+    index: int | None = Field(None, description="The input's position (answers may come back out of order).")
+    object: str = "pooling"
+    data: Score | list[Score] | list[list[Score]] = Field(
+        description="The score (lmdeploy), or per-token values whose last one is the score (vLLM's ALL pooling)."
+    )
+
+
+class PoolingUsage(BaseModel):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class PoolingResponse(BaseModel):
+    """The answer to ``/pooling`` in lmdeploy's and vLLM's shape: ``data[i].data`` holds the score."""
+
+    id: str | None = None
+    object: str = "list"
+    created: int | None = None
+    model: str | None = None
+    data: list[PoolingData]
+    usage: PoolingUsage | None = None
+
+
+# ---------------------------------------------------------------------------------------------------- /classify
+class ClassifyRequest(BaseModel):
+    """SGLang's ``POST /classify``: formatted texts in, one result per text out."""
+
+    model: str | None = Field(None, description="The served model's name (SGLang needs it).")
+    text: list[str] = Field(description="Texts built by PolarTemplate.format.")
+
+
+class ClassifyResult(BaseModel):
+    index: int | None = None
+    embedding: list[Score] = Field(min_length=1, description="The score is `embedding[0]`.")
+    meta_info: dict[str, Any] | None = None
+
+
+class ClassifyResponse(RootModel[list[ClassifyResult]]):
+    """SGLang's answer: one result per text, in order (one text may come back as a bare object)."""
+
+
+# ---------------------------------------------------------------------------------------------------- /get_reward
+class GetRewardRequest(BaseModel):
+    """``POST /get_reward``: OpenRLHF's remote reward-model protocol."""
+
+    query: list[str] = Field(description="Prompt + response texts, decoded with special tokens kept.")
+    prompts: list[str] = Field(description="The prompt of each query, to cut the response out of it.")
+    labels: list[Any] = Field(
+        description="The reference answers (or {'reference', 'prompt'} objects); run OpenRLHF with "
+        "--data.label_key (older: --label_key) naming them."
+    )
+
+
+class GetRewardResponse(BaseModel):
+    rewards: list[Score] = Field(description="Raw POLAR scores (OpenRLHF normalises and clips on its side).")
+    scores: list[Score] = Field(description="The same values (OpenRLHF's dynamic filtering reads them).")
+    extra_logs: dict[str, list[Score]] = Field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------- /health
+class HealthResponse(BaseModel):
+    status: Literal["ok", "draining"]
+    model: str
+    queue_depth: int = Field(description="Requests waiting for the batch worker.")
+    in_flight: int = Field(description="Requests admitted and not yet answered.")
+    max_queue: int
+    uptime_s: float
+
+
+REQUEST_MODELS = (ScoreRequest, PoolingRequest, ClassifyRequest, GetRewardRequest)
+RESPONSE_MODELS = (ScoreResponse, PoolingResponse, ClassifyResponse, GetRewardResponse, HealthResponse, ErrorEnvelope)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+# How pydantic names the member of a union (or a validator) in an error's location: not a field.
+_UNION_TAG = re.compile(r"function-\w+\[.*\]|(list|dict|tuple)\[.*\]|float|int|str|bool")
+
+
+def field_path(loc: tuple) -> str:
+    """A pydantic error location as the field path users write: ``("items", 3, "prompt")`` -> ``items[3].prompt``."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not _UNION_TAG.fullmatch(str(part)):
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def _walk(model: type[BaseModel] | None, loc: tuple) -> tuple[type[BaseModel] | None, Any]:
+    """The model that holds the last field named in ``loc``, and that field's info (None if it has no such field)."""
+    info = None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return model, None
+        holder, info = model, fields[part]
+        inner = [a for a in (info.annotation, *typing.get_args(info.annotation)) if isinstance(a, type)]
+        model = next((a for a in inner if issubclass(a, BaseModel)), None)
+    return (holder if info is not None else model), info
+
+
+def first_error(err: ValidationError, whole: str = "The body") -> tuple[str, str]:
+    """(field path, message) of the error to report, ``whole`` naming what was read; an unknown field comes first,
+    as it usually explains the rest (a misspelt name)."""
+    error = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
+    where = field_path(error["loc"])
+    subject = f"`{where}`" if where else whole
+    kind, value = error["type"], error.get("input")
+    holder, info = _walk(_MODELS_BY_NAME.get(err.title), error["loc"])
+    if kind == "extra_forbidden":
+        known = ", ".join(holder.model_fields) if holder else ""
+        message = f"Unknown field `{where}`" + (f"; the fields are {known}." if known else ".")
+    elif kind == "missing":
+        is_list = info is not None and typing.get_origin(info.annotation) is list
+        message = f"{whole} has no `{where}`{' list' if is_list else ''}."
+    elif kind in ("float_type", "float_parsing", "int_type", "int_parsing"):
+        message = f"{subject} is {value!r:.80}, not a number."
+    elif kind == "finite_number":
+        message = f"{subject} is {value}, not a finite number."
+    else:
+        message = f"{subject}: {error['msg'].removeprefix('Value error, ').rstrip('.')}."
+    hint = info.description if info is not None and kind in ("missing", "list_type") else None
+    return where or "body", f"{message} {hint}" if hint else message
+
+
+_MODELS_BY_NAME = {m.__name__: m for m in (*REQUEST_MODELS, *RESPONSE_MODELS, ScoreOptions, ScoreItem)}
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON; send finite numbers (or strings)")
+
+
+def parse_json(body: bytes) -> Any:
+    """A request body as JSON; 400 naming the line and column of a syntax error, NaN and Infinity refused, and 422
+    naming the field that holds a lone surrogate (text no tokenizer or JSON answer can carry)."""
+    if not body:
+        raise RequestError(400, "The request body is empty; send a JSON object (Content-Type: application/json).")
+    try:
+        payload = json.loads(body, parse_constant=_no_constant)
+    except json.JSONDecodeError as err:
+        message = f"The body is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})."
+        raise RequestError(400, message, "body") from None
+    except (ValueError, RecursionError) as err:  # not UTF-8, NaN, or nested deeper than the parser allows
+        raise RequestError(400, f"The body is not valid JSON ({type(err).__name__}: {err}).", "body") from None
+    # Raw UTF-8 cannot hold a surrogate: only a \\uD800-\\uDFFF escape makes one, so most bodies skip the walk.
+    if _SURROGATE_ESCAPE.search(body):
+        where = _lone_surrogate(payload)
+        if where is not None:
+            message = (
+                f"`{where or 'body'}` holds a lone UTF-16 surrogate (an unpaired \\uD800-\\uDFFF escape), which is "
+                "not text; send valid Unicode."
+            )
+            raise RequestError(422, message, where or "body")
+    return payload
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(payload: Any) -> str | None:
+    """The path of the first string (or key) in ``payload`` that is not valid Unicode; None if there is none."""
+    stack = [("", payload)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                name = f"{where}.{key}" if where else str(key)
+                if _lone_surrogate(key) is not None:
+                    return name.encode("utf-8", "backslashreplace").decode()
+                stack.append((name, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+    return None
+
+
+def validate(model: type[BaseModel], payload: Any, endpoint: str, limits: dict | None = None) -> Any:
+    """The payload as ``model``; a 422 naming the first wrong field and the fix. ``limits``: the server's template
+    limits, which a request's options may lower but not raise."""
+    if not isinstance(payload, dict):
+        example = json.dumps(_EXAMPLES.get(model, {}))
+        message = f"The body of {endpoint} must be a JSON object like {example}, got {type(payload).__name__}."
+        raise RequestError(422, message, "body")
+    try:
+        return model.model_validate(payload, context=limits or {})
+    except ValidationError as err:
+        where, message = first_error(err)
+        raise RequestError(422, message, where) from None
+
+
+_EXAMPLES: dict[type, Any] = {
+    ScoreRequest: {"items": [{"prompt": "...", "reference": "...", "candidate": "..."}]},
+    PoolingRequest: {"input": ["<formatted text>[UNUSED_TOKEN_130]"]},
+    GetRewardRequest: {"query": ["..."], "prompts": ["..."], "labels": ["..."]},
+}
+
+
+def dumps(model: BaseModel) -> bytes:
+    """An answer as JSON bytes: fields left at None are omitted, non-finite numbers refused (JSON has none)."""
+    return json.dumps(model.model_dump(mode="json", exclude_none=True), ensure_ascii=False, allow_nan=False).encode()
