@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from typing import Any
 
@@ -202,6 +203,12 @@ class PolarRewardTrainer(RewardTrainer):
 
         def tokenize(example: dict, index: int) -> dict:
             wrapper = example.get("wrapper") or args.wrapper
+            margin = example.get("margin", 0.0)
+            if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+                raise ValueError(
+                    f"{dataset_name} dataset, row {index}, column `margin`: must be a finite number, got {margin!r}. "
+                    "Give every row a margin (0.0 for none) or drop the column."
+                )
             try:
                 if ranked:
                     encodings = template.build_ranking(
