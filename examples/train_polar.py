@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 
-from trl_polar.training import finish_run, parse_train_args, run_training
+from trl_polar.cli.train import finish_run, parse_train_args, run_training
 
 if __name__ == "__main__":
     trainer = run_training(*parse_train_args(sys.argv[1:]))

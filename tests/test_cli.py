@@ -157,3 +157,9 @@ def test_score_and_evaluate_commands(tmp_path, tiny_qwen2_rm_dir):
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["protocol"] == "pairwise" and report["num_rows"] == 6
     assert f"- accuracy: {report['accuracy']:.4f}" in out.stdout
+
+
+def test_the_command_line_starts_without_torch_or_fastapi():
+    code = "import sys, trl_polar.cli; print(sorted(m for m in ('torch', 'fastapi') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"

@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     from trl_polar.rewards import PolarReward
-    from trl_polar.training import finish_run
+    from trl_polar.cli.train import finish_run
 
     kind, policy_dir, rm_dir, out_dir = sys.argv[1:5]
 

@@ -457,7 +457,7 @@ def test_serve_command_registers_with_typer(caplog):
     import typer
     from typer.testing import CliRunner
 
-    from trl_polar.serving.command import _budget, serve_command
+    from trl_polar.cli.serve import _budget, serve_command
 
     app = typer.Typer()
     app.command("serve")(serve_command)

@@ -13,10 +13,10 @@ from datasets import Dataset
 from toy_data import toy_rows
 from transformers import AutoModelForSequenceClassification
 
+from trl_polar.cli.train import parse_train_args
 from trl_polar.config import PolarConfig
 from trl_polar.template import PolarTemplate
 from trl_polar.trainer import PolarRewardTrainer
-from trl_polar.training import parse_train_args
 
 FAST = {
     "use_cpu": True,

@@ -1,4 +1,5 @@
-"""The command line of a training run: its arguments, flags over a YAML file, and the run's first and last calls.
+"""``trl-polar train`` and examples/train_polar.py: a training run's arguments, flags over a YAML file, and the
+run's first and last calls. Every PolarConfig / TrainingArguments field is a flag.
 
 The training itself is `trl_polar.trainer.train_from_config`.
 """
@@ -8,9 +9,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
-from .config import PolarConfig
+import typer
+
+from .errors import CLIError
+
+if TYPE_CHECKING:
+    from ..config import PolarConfig
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +42,8 @@ class TrainArguments:
 def train_parser():
     """The argument parser of a training run: every `TrainArguments` and `PolarConfig` field is a flag."""
     from transformers import HfArgumentParser
+
+    from ..config import PolarConfig
 
     return HfArgumentParser((TrainArguments, PolarConfig))
 
@@ -106,7 +115,7 @@ def _check_value(action: Any, value: Any, where: str) -> None:
 
 def run_training(script: TrainArguments, config: PolarConfig) -> Any:
     """Train with parsed arguments (the CLI and examples/train_polar.py both end here)."""
-    from .trainer import lora_config, train_from_config
+    from ..trainer import lora_config, train_from_config
 
     peft = lora_config(script.lora_r, script.lora_alpha, script.lora_dropout) if script.use_peft else None
     return train_from_config(
@@ -141,3 +150,21 @@ def finish_run(accelerator: Any) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def train(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option(help="A YAML file of field: value; flags override it.")] = None,
+) -> None:
+    """Train a POLAR reward model. Every PolarConfig / TrainingArguments field is a flag (see --help).
+
+    Multi-process: accelerate launch --config_file CFG -m trl_polar.cli train --config train.yaml
+    """
+    if any(arg in ("-h", "--help") for arg in ctx.args):
+        typer.echo("Usage: trl-polar train [--config train.yaml] [--FIELD VALUE ...]\n")
+        typer.echo(train_parser().format_help())
+        return
+    if config is not None and not config.is_file():
+        raise CLIError(f"{config}: no such file.")
+    trainer = run_training(*parse_train_args(ctx.args, str(config) if config else None))
+    finish_run(trainer.accelerator)

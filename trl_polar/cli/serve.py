@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .server import (
+from ..serving.server import (
     API_KEY_ENV,
     DEFAULT_BATCH_WINDOW_MS,
     DEFAULT_BODY_TIMEOUT_S,
@@ -71,7 +71,7 @@ def serve_command(
 ) -> None:
     """Serve a POLAR reward model over HTTP: /score, /pooling (lmdeploy, vLLM), /classify (SGLang), /get_reward
     (OpenRLHF), /health, /metrics, /docs."""
-    from .server import serve
+    from ..serving.server import serve
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(

@@ -1,0 +1,24 @@
+"""``trl-polar convert``: an official InternLM2 POLAR checkpoint to a standard Llama reward model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def convert(
+    src: Annotated[str, typer.Argument(help="An official POLAR checkpoint (hub name or directory).")],
+    out: Annotated[Path, typer.Argument(help="Directory to write the standard transformers checkpoint to.")],
+    tokenizer: Annotated[str | None, typer.Option(help="Take the tokenizer from here instead of SRC.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: as stored).")] = None,
+) -> None:
+    """Convert an official InternLM2 POLAR checkpoint to a Llama reward model that needs no remote code."""
+    from ..checkpoints import convert_checkpoint
+    from ..hub import resolve_dtype
+
+    # Conversion runs on the CPU, so "auto" is float32 here.
+    torch_dtype = resolve_dtype(dtype, "cpu", name="--dtype")
+    path = convert_checkpoint(src, out, tokenizer=tokenizer, dtype=torch_dtype)
+    typer.echo(f"Wrote {path}: load it with AutoModelForSequenceClassification.from_pretrained({str(path)!r}).")
