@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from transformers import AutoTokenizer, HfArgumentParser
 
-from trl_polar.data_loading import load_preference_dataset
+from trl_polar.data.loading import load_preference_dataset
 from trl_polar.rewards import PolarReward
 from trl_polar.training import finish_run
 

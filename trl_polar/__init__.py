@@ -18,7 +18,7 @@ _LAZY = {
     "PolarScorer": "scoring",
     "PolarReward": "rewards",
     "PolarClient": "client",
-    "load_preference_dataset": "data_loading",
+    "load_preference_dataset": "data.loading",
     "load_reward_model": "modeling",
     "prepare_reward_model": "modeling",
     "add_polar_tokens": "modeling",
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from .client import PolarClient
     from .collator import PolarDataCollator
     from .config import PolarConfig
-    from .data_loading import load_preference_dataset
+    from .data.loading import load_preference_dataset
     from .modeling import add_polar_tokens, load_reward_model, prepare_reward_model
     from .rewards import PolarReward
     from .scoring import PolarScorer

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import PolarConfig
-from .data_loading import load_preference_dataset
+from .data.loading import load_preference_dataset
 
 logger = logging.getLogger(__name__)
 

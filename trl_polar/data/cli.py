@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -18,96 +18,95 @@ from .converters import FORMATS, PAIRS, TIES
 from .synthesis import BACKENDS, INCOMPLETE_ENDINGS, OUTPUT_FORMATS
 
 
+def _option(kind: Any, help: str, *names: str) -> Any:
+    return Annotated[kind, typer.Option(*names, help=help)]
+
+
+# The options of build-data, one alias each, so that the command's signature reads as a list.
+_Policies = _option(list[str], "A pool policy as [NAME=]PATH[:base|:chat]; repeat the option for each (at least "
+                    "two).", "--policies", "--policy")  # fmt: skip
+_Corpus = _option(list[Path], "Text corpus files (.txt one document per line, .jsonl, .json, .parquet).")
+_Out = _option(Path, "Output directory; an unfinished run there resumes.")
+_NumPrompts = _option(int | None, "Prompts to sample (default: one per document).")
+_Instructions = _option(list[Path] | None, "Instruction-prompt files, answered only by chat policies.")
+_InstructionShare = _option(float, "Share of prompts drawn from --instructions.")
+_TextColumn = _option(str, "Corpus column holding the documents.")
+_InstructionColumn = _option(str, "Instruction column (text or messages).")
+_Tokenizer = _option(str | None, "Tokenizer measuring prefix lengths (default: the first policy's).")
+_MaxPrefixTokens = _option(int, "Longest prompt prefix in tokens (paper: 1024).")
+_Backend = _option(str, f"Generation backend: {' | '.join(BACKENDS)}.")
+_BatchSize = _option(int, "Prompts per generate call (transformers backend).")
+_ShardSize = _option(int, "Prompts per output shard (the unit of resumption).")
+_OutputFormat = _option(str, f"Shard format: {' | '.join(OUTPUT_FORMATS)}.")
+_Seed = _option(int, "Seed of prompts, A/B draws and sampling.")
+_Temperature = _option(float, "Sampling temperature (paper: 1.0).")
+_TopP = _option(float, "Top-p (paper: 0.9).")
+_TopK = _option(int, "Top-k (paper: 50).")
+_MaxNewTokens = _option(int, "Longest trajectory in tokens (paper: 4096).")
+_IncompleteEndings = _option(str, f"Trajectories that hit the cap: {' | '.join(INCOMPLETE_ENDINGS)}.")
+_NoLoopTrimming = _option(bool, "Keep repetition loops whole.")
+_ChatOnPrefixes = _option(bool, "Let chat policies continue raw-text prefixes too.")
+_Dtype = _option(str, "Model dtype: auto | bfloat16 | float16 | float32.")
+_MaxLoadedPolicies = _option(int, "Policies held in memory at once.")
+_NoProgress = _option(bool, "Hide progress bars.")
+
+
 def build_data_command(
-    policies: Annotated[
-        list[str],
-        typer.Option(
-            "--policies",
-            "--policy",
-            help="A pool policy as [NAME=]PATH[:base|:chat]; repeat the option for each (at least two).",
-        ),
-    ],
-    corpus: Annotated[
-        list[Path], typer.Option(help="Text corpus files (.txt one document per line, .jsonl, .json, .parquet).")
-    ],
-    out: Annotated[Path, typer.Option(help="Output directory; an unfinished run there resumes.")],
-    num_prompts: Annotated[int | None, typer.Option(help="Prompts to sample (default: one per document).")] = None,
-    instructions: Annotated[
-        list[Path] | None, typer.Option(help="Instruction-prompt files, answered only by chat policies.")
-    ] = None,
-    instruction_share: Annotated[float, typer.Option(help="Share of prompts drawn from --instructions.")] = 0.0,
-    text_column: Annotated[str, typer.Option(help="Corpus column holding the documents.")] = "text",
-    instruction_column: Annotated[str, typer.Option(help="Instruction column (text or messages).")] = "prompt",
-    tokenizer: Annotated[
-        str | None, typer.Option(help="Tokenizer measuring prefix lengths (default: the first policy's).")
-    ] = None,
-    max_prefix_tokens: Annotated[int, typer.Option(help="Longest prompt prefix in tokens (paper: 1024).")] = 1024,
-    backend: Annotated[str, typer.Option(help=f"Generation backend: {' | '.join(BACKENDS)}.")] = "transformers",
-    batch_size: Annotated[int, typer.Option(help="Prompts per generate call (transformers backend).")] = 16,
-    shard_size: Annotated[int, typer.Option(help="Prompts per output shard (the unit of resumption).")] = 1000,
-    output_format: Annotated[str, typer.Option(help=f"Shard format: {' | '.join(OUTPUT_FORMATS)}.")] = "parquet",
-    seed: Annotated[int, typer.Option(help="Seed of prompts, A/B draws and sampling.")] = 0,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (paper: 1.0).")] = 1.0,
-    top_p: Annotated[float, typer.Option(help="Top-p (paper: 0.9).")] = 0.9,
-    top_k: Annotated[int, typer.Option(help="Top-k (paper: 50).")] = 50,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest trajectory in tokens (paper: 4096).")] = 4096,
-    incomplete_endings: Annotated[
-        str, typer.Option(help=f"Trajectories that hit the cap: {' | '.join(INCOMPLETE_ENDINGS)}.")
-    ] = "trim",
-    no_loop_trimming: Annotated[bool, typer.Option(help="Keep repetition loops whole.")] = False,
-    chat_on_prefixes: Annotated[bool, typer.Option(help="Let chat policies continue raw-text prefixes too.")] = False,
-    dtype: Annotated[str, typer.Option(help="Model dtype: auto | bfloat16 | float16 | float32.")] = "auto",
-    max_loaded_policies: Annotated[int, typer.Option(help="Policies held in memory at once.")] = 2,
-    no_progress: Annotated[bool, typer.Option(help="Hide progress bars.")] = False,
+    policies: _Policies,
+    corpus: _Corpus,
+    out: _Out,
+    num_prompts: _NumPrompts = None,
+    instructions: _Instructions = None,
+    instruction_share: _InstructionShare = 0.0,
+    text_column: _TextColumn = "text",
+    instruction_column: _InstructionColumn = "prompt",
+    tokenizer: _Tokenizer = None,
+    max_prefix_tokens: _MaxPrefixTokens = 1024,
+    backend: _Backend = "transformers",
+    batch_size: _BatchSize = 16,
+    shard_size: _ShardSize = 1000,
+    output_format: _OutputFormat = "parquet",
+    seed: _Seed = 0,
+    temperature: _Temperature = 1.0,
+    top_p: _TopP = 0.9,
+    top_k: _TopK = 50,
+    max_new_tokens: _MaxNewTokens = 4096,
+    incomplete_endings: _IncompleteEndings = "trim",
+    no_loop_trimming: _NoLoopTrimming = False,
+    chat_on_prefixes: _ChatOnPrefixes = False,
+    dtype: _Dtype = "auto",
+    max_loaded_policies: _MaxLoadedPolicies = 2,
+    no_progress: _NoProgress = False,
 ) -> None:
     """Synthesise POLAR pre-training triples: prompts from a corpus, answered by a pool of policies (A, A, B)."""
-    from transformers import AutoTokenizer
-
-    from .prompts import PromptConfig, sample_prompts
+    from .prompts import PromptConfig
     from .synthesis import Policy, SamplingConfig, SynthesisConfig, synthesize
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     pool = [Policy.parse(spec) for spec in policies]
-    prompt_config = PromptConfig(
-        num_prompts=num_prompts,
-        max_prefix_tokens=max_prefix_tokens,
-        instruction_share=instruction_share,
-        text_column=text_column,
-        instruction_column=instruction_column,
-        seed=seed,
-    )
-    sampling_tokenizer = AutoTokenizer.from_pretrained(tokenizer or pool[0].path)
-    prompts = sample_prompts(
-        [str(p) for p in corpus],
-        sampling_tokenizer,
-        prompt_config,
-        instructions=[str(p) for p in instructions] if instructions else None,
-    )
-    config = SynthesisConfig(
-        out_dir=str(out),
-        policies=pool,
-        seed=seed,
-        shard_size=shard_size,
-        output_format=output_format,
-        backend=backend,
-        batch_size=batch_size,
-        dtype=dtype,
-        chat_on_prefixes=chat_on_prefixes,
-        max_loaded_policies=max_loaded_policies,
-        progress=not no_progress,
-        sampling=SamplingConfig(
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            max_new_tokens=max_new_tokens,
-            incomplete_endings=incomplete_endings,
-            trim_loops=not no_loop_trimming,
-        ),
-    )
+    prompt_config = PromptConfig(num_prompts=num_prompts, max_prefix_tokens=max_prefix_tokens,
+                                 instruction_share=instruction_share, text_column=text_column,
+                                 instruction_column=instruction_column, seed=seed)  # fmt: skip
+    prompts = _sample(corpus, instructions, tokenizer or pool[0].path, prompt_config)
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+                              incomplete_endings=incomplete_endings, trim_loops=not no_loop_trimming)  # fmt: skip
+    config = SynthesisConfig(out_dir=str(out), policies=pool, seed=seed, shard_size=shard_size,
+                             output_format=output_format, backend=backend, batch_size=batch_size, dtype=dtype,
+                             chat_on_prefixes=chat_on_prefixes, max_loaded_policies=max_loaded_policies,
+                             progress=not no_progress, sampling=sampling)  # fmt: skip
     result = synthesize(prompts, config)
     totals = dict(result.totals)
     totals.update({f"prompt_sampling_{k}": v for k, v in prompts.counts.items()})
     typer.echo(json.dumps({"out": str(result.out_dir), "complete": result.complete, "counts": totals}))
+
+
+def _sample(corpus: list[Path], instructions: list[Path] | None, tokenizer: str, config: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    from .prompts import sample_prompts
+
+    files = [str(p) for p in instructions] if instructions else None
+    return sample_prompts([str(p) for p in corpus], AutoTokenizer.from_pretrained(tokenizer), config, files)
 
 
 def convert_data_command(
