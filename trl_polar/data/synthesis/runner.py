@@ -26,7 +26,7 @@ from ..prompts import PromptSet
 from ..trimming import trim_incomplete_ending, trim_loop
 from .backends import Generation, GenerationBackend, Request, derive_seed, make_backend
 from .config import Policy, SynthesisConfig
-from .store import FORMAT_VERSION, RunStore, read_manifest
+from .store import FORMAT_VERSION, MANIFEST_FILE, RUN_FILE, RunStore, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +177,8 @@ class Synthesizer:
         """Start or resume the run on every rank; the main process writes the settings, the others check them."""
         if self.state.is_main_process:
             store.directory.mkdir(parents=True, exist_ok=True)
+            # Only the main process writes these two, and not yet: a temporary copy is a killed run's partial write.
+            store.remove_stray([RUN_FILE, MANIFEST_FILE])
             store.open(settings)
         self.state.wait_for_everyone()
         if not self.state.is_main_process:
