@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -85,8 +86,17 @@ class Conversion:
             or (sources and isinstance(sources[0], Mapping))
         ):
             sources = [sources]
+        seen: dict[str, str] = {}
         for source in sources:
-            yield from read_records(source, skip_invalid=self.options.skip_invalid, counts=self.counts)
+            for record in read_records(source, skip_invalid=self.options.skip_invalid, counts=self.counts):
+                key = json.dumps(record.value, sort_keys=True, default=str)
+                if key in seen:
+                    # The same record twice would weigh its pairs twice; the first is kept.
+                    self.counts["duplicate_records_removed"] += 1
+                    logger.info("removed %s: the same record as %s", record.location, seen[key])
+                    continue
+                seen[key] = record.location
+                yield record
 
     def invalid(self, location: str, message: str, reason: str) -> None:
         """Raise for a bad record, or count and log it when skipping."""
@@ -131,6 +141,21 @@ class Conversion:
             return False
         return self.new_id(record)
 
+    def text(self, location: str, name: str, value: Any) -> bool:
+        """True when ``value`` (the field ``name``) is non-empty text or a message list with text; otherwise False
+        after raising or counting (as an empty answer or a wrong-typed field)."""
+        if text_ok(value):
+            return True
+        if isinstance(value, str):
+            self.invalid(location, f"{name} is empty; every prompt and answer needs text.", "empty_text")
+        else:
+            self.invalid(
+                location,
+                f"{name} must be text or a message list, got {type(value).__name__}: {value!r:.60}.",
+                "bad_field",
+            )
+        return False
+
 
 def text_ok(value: Any) -> bool:
     """Whether ``value`` is non-empty text or a message list with some text."""
@@ -148,13 +173,11 @@ def text_key(value: Any) -> str:
 
 
 def number(value: Any) -> float | None:
-    if isinstance(value, bool):
+    """``value`` as a finite float, or None: NaN and infinities (also as strings) would sort anywhere."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
+    try:
+        result = float(value)
+    except ValueError:
+        return None
+    return result if math.isfinite(result) else None

@@ -96,6 +96,8 @@ def convert_trl(records: Iterable[Record], conversion: Conversion) -> None:
             continue
         if "prompt" in value and value["prompt"] is not None:
             prompt = value["prompt"]
+            if not conversion.text(record.location, "'prompt'", prompt):
+                continue
         elif isinstance(chosen, list) and isinstance(rejected, list):
             prompt, chosen, rejected = _split_implicit(chosen, rejected)
             if not prompt:

@@ -22,6 +22,9 @@ def add_ranking(
     extra: Mapping[str, Any] | None = None,
 ) -> None:
     """Turn one ranked list of (response, score) into triples and a listwise row of ``conversion.result``."""
+    texts = [("prompt", prompt)] + [(f"responses[{i}]", response) for i, (response, _) in enumerate(responses)]
+    if not all(conversion.text(location, name, value) for name, value in texts):
+        return
     ordered = _ranks(conversion, responses, location, higher_is_better)
     if ordered is None:
         return
@@ -130,7 +133,7 @@ def _scored_responses(conversion: Conversion, record: Record) -> tuple[list[tupl
             conversion.invalid(
                 record.location,
                 f"responses[{i}] needs a text field (one of {_TEXT_KEYS}) and a numeric 'rank' (1 = best) or "
-                f"'score' (higher = better), or none of them for a best-first list; got {item!r:.80}.",
+                f"'score' (higher = better) that is finite, or none of them for a best-first list; got {item!r:.80}.",
                 "bad_field",
             )
             return None
@@ -165,8 +168,8 @@ def convert_ultrafeedback(records: Iterable[Record], conversion: Conversion) -> 
                 got = completion.get(key) if isinstance(completion, Mapping) else completion
                 conversion.invalid(
                     record.location,
-                    f"completions[{i}] needs a 'response' string and a numeric {key!r} (got {got!r:.40}); choose "
-                    "another score with score_key= (--score-key), e.g. 'overall_score'.",
+                    f"completions[{i}] needs a 'response' string and a numeric {key!r} that is finite "
+                    f"(got {got!r:.40}); choose another score with score_key= (--score-key), e.g. 'overall_score'.",
                     "bad_field",
                 )
                 break

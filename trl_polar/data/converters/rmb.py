@@ -26,7 +26,7 @@ def _rmb_prompt(record: Record, conversion: Conversion) -> list[dict[str, str]] 
 
 
 def _answer(value: Any) -> str | None:
-    if isinstance(value, Mapping) and isinstance(value.get("answer"), str):
+    if isinstance(value, Mapping) and isinstance(value.get("answer"), str) and value["answer"].strip():
         return value["answer"]
     return None
 
@@ -66,7 +66,7 @@ def convert_rmb_pairwise(records: Iterable[Record], conversion: Conversion) -> N
             continue
         if chosen is None or rejected is None:
             conversion.invalid(
-                record.location, "'chosen' and 'reject' must be objects with an 'answer' string.", "bad_field"
+                record.location, "'chosen' and 'reject' must be objects with a non-empty 'answer' string.", "bad_field"
             )
             continue
         group = groups.setdefault(
@@ -129,7 +129,7 @@ def convert_rmb_bon(records: Iterable[Record], conversion: Conversion) -> None:
         if best is None or not losers or any(x is None for x in losers):
             conversion.invalid(
                 record.location,
-                "'bon_best' must be an object with an 'answer' string and 'loser_list' a "
+                "'bon_best' must be an object with a non-empty 'answer' string and 'loser_list' a "
                 "non-empty list of such objects.",
                 "bad_field",
             )
