@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from transformers import AutoTokenizer, HfArgumentParser
 
 from trl_polar.cli.train import finish_run
-from trl_polar.data_loading import load_preference_dataset
+from trl_polar.data.loading import load_preference_dataset
 from trl_polar.rewards import PolarReward
 
 

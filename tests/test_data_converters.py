@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from trl_polar import PolarTemplate, flatten
+from trl_polar.cli import app
 from trl_polar.data import DataError, convert, read_rows
-from trl_polar.data.cli import app
 
 DATA = Path(__file__).parent / "data"
 EGG = [{"role": "user", "content": "How do I boil an egg?"}]
@@ -175,3 +175,41 @@ def test_convert_data_cli_writes_parquet_and_listwise_jsonl(tmp_path):
     failed = CliRunner().invoke(app, ["convert-data", str(DATA / "bad_line.jsonl"), "--format", "ranked", "--out",
                                       str(tmp_path / "x.jsonl")])  # fmt: skip
     assert failed.exit_code != 0 and "bad_line.jsonl:2" in str(failed.exception)
+
+
+def test_non_finite_scores_non_text_fields_and_empty_answers_are_errors_or_skipped_and_counted(tmp_path):
+    good = {
+        "prompt": "p",
+        "responses": [{"text": "a", "score": 3}, {"text": "b", "score": 2}, {"text": "c", "score": 1}],
+    }
+    bad = {
+        "nan_string": ({**good, "responses": [{"text": "a", "score": "NaN"}, *good["responses"][1:]]},
+                       r"nan_string.jsonl:2: responses\[0\] needs .*numeric .* finite"),
+        "infinity": ({**good, "responses": [{"text": "a", "score": float("inf")}, *good["responses"][1:]]},
+                     r"infinity.jsonl:2: responses\[0\] needs .*numeric .* finite"),
+        "int_prompt": ({**good, "prompt": 7}, r"int_prompt.jsonl:2: prompt must be text or a message list, got int"),
+        "empty_answer": ({**good, "responses": ["", "b", "c"]}, r"empty_answer.jsonl:2: responses\[0\] is empty"),
+        "int_answer": ({**good, "responses": [5, "b", "c"]}, r"int_answer.jsonl:2: responses\[0\] must be a string"),
+    }  # fmt: skip
+    for name, (record, message) in bad.items():
+        path = _jsonl(tmp_path / f"{name}.jsonl", [{**good, "id": "ok"}, {**record, "id": name}])
+        with pytest.raises(DataError, match=message):
+            convert("ranked", path)
+        skipped = convert("ranked", path, skip_invalid=True)  # skipped and counted, the good record kept
+        assert {r["id"] for r in skipped.rows} == {"ok"} and sum(
+            v for k, v in skipped.counts.items() if k.startswith("skipped_")
+        ) == 1, skipped.counts
+    mixed = _jsonl(tmp_path / "mixed.jsonl", [{**bad["int_prompt"][0], "id": 1}, {**bad["empty_answer"][0], "id": 2},
+                                              {**good, "id": 3}])  # fmt: skip
+    counts = convert("ranked", mixed, skip_invalid=True).counts
+    assert counts["skipped_bad_field"] == 1 and counts["skipped_empty_text"] == 1 and counts["triples"] == 1
+    with pytest.raises(DataError, match=r"trl_int.jsonl:1: 'prompt' must be text or a message list, got int"):
+        convert("trl", _jsonl(tmp_path / "trl_int.jsonl", [{"prompt": 3, "reference": "r", "chosen": "c",
+                                                             "rejected": "x"}]))  # fmt: skip
+
+
+def test_duplicate_records_are_removed_and_counted(tmp_path):
+    record = {"id": 1, "prompt": "p", "responses": ["a", "b", "c"]}
+    path = _jsonl(tmp_path / "twice.jsonl", [record, {"id": 2, "prompt": "q", "responses": ["d", "e", "f"]}, record])
+    result = convert("ranked", path)
+    assert result.counts["duplicate_records_removed"] == 1 and len(result.rows) == 2

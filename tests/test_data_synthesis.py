@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
+from trl_polar.cli import app
 from trl_polar.data import (
     DataError,
     Generation,
@@ -28,7 +28,6 @@ from trl_polar.data import (
     trim_incomplete_ending,
     trim_loop,
 )
-from trl_polar.data.cli import app
 from trl_polar.tiny import build_tiny_causal_lm
 
 DATA = Path(__file__).parent / "data"
@@ -128,10 +127,24 @@ def test_a_finished_run_is_not_redone_and_other_settings_are_refused(tmp_path, p
 
 
 KILLED_RUN = """
-import sys
+import os, signal, sys
+from pathlib import Path
 from transformers import AutoTokenizer
 from trl_polar.data import PromptConfig, SamplingConfig, SynthesisConfig, sample_prompts, synthesize
-out, tokenizer_dir, *pool = sys.argv[1:]
+out, tokenizer_dir, kill_at, kill_on, *pool = sys.argv[1:]
+renames = {{"seen": 0}}
+replace = os.replace  # every atomic write renames through it (trl_polar.atomic)
+
+def replace_or_die(tmp, final):
+    # The kill point: the temporary file is written in full, the rename has not happened (what a kill -9 in the
+    # middle of any atomic write leaves behind).
+    if Path(final).name == kill_at:
+        renames["seen"] += 1
+        if renames["seen"] == int(kill_on):
+            os.kill(os.getpid(), signal.SIGKILL)
+    replace(tmp, final)
+
+os.replace = replace_or_die
 prompts = sample_prompts({corpus!r}, AutoTokenizer.from_pretrained(tokenizer_dir),
                          PromptConfig(num_prompts=6, max_prefix_tokens=12, seed=3))
 synthesize(prompts, SynthesisConfig(out_dir=out, policies=pool, shard_size=1, batch_size=4, max_loaded_policies=5,
@@ -139,22 +152,26 @@ synthesize(prompts, SynthesisConfig(out_dir=out, policies=pool, shard_size=1, ba
 """
 
 
-def test_kill_9_then_resume_loses_and_duplicates_nothing(tmp_path, pool, plain_tokenizer_dir):
+@pytest.mark.parametrize(
+    ("kill_at", "kill_on", "complete_shards", "left"),
+    [
+        ("shard-00002.parquet", 1, 2, ".tmp-shard-00002.parquet-*"),  # during a shard's data write
+        ("shard-00002.json", 1, 2, ".tmp-shard-00002.json-*"),  # data renamed, its counts file not yet
+        ("manifest.json", 4, 4, ".tmp-manifest.json-*"),  # during the fourth manifest write
+    ],
+)
+def test_kill_9_then_resume_loses_and_duplicates_nothing(
+    tmp_path, pool, plain_tokenizer_dir, kill_at, kill_on, complete_shards, left
+):
     base = pool[:3]
     out = tmp_path / "killed"
     script = KILLED_RUN.format(corpus=str(DATA / "corpus.jsonl"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-c", script, str(out), plain_tokenizer_dir, *base], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(out.glob("shard-*.json"))) < 2 and process.poll() is None:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    done = len(list(out.glob("shard-*.json")))
-    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
-    assert 2 <= done < 6, f"the run should die part-way, {done} of 6 shards were complete"
-    (out / ".tmp-shard-00005.parquet-x").write_bytes(b"partial")  # what a kill during a write leaves behind
+    command = [sys.executable, "-c", script, str(out), plain_tokenizer_dir, kill_at, str(kill_on), *base]
+    process = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
+    assert process.returncode == -signal.SIGKILL, process.stderr.decode()[-2000:]
+    assert len(list(out.glob("shard-*.json"))) == complete_shards
+    assert len(list(out.glob(left))) == 1  # the partial write the kill left behind
 
     tokenizer = AutoTokenizer.from_pretrained(plain_tokenizer_dir)
     prompts = sample_prompts(str(DATA / "corpus.jsonl"), tokenizer, PromptConfig(num_prompts=6, max_prefix_tokens=12,
@@ -260,7 +277,7 @@ def test_two_ranks_under_accelerate_launch_make_the_same_shards_as_one_process(t
     assert CliRunner().invoke(app, _cli_args(single, pool)).exit_code == 0
     launcher = Path(sys.executable).with_name("accelerate")
     command = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trl_polar.data.cli",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trl_polar.cli",
                *_cli_args(double, pool)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, check=False)

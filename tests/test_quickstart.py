@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from trl_polar.data_loading import load_preference_dataset
+from trl_polar.data.loading import load_preference_dataset
 from trl_polar.quickstart import QuickstartConfig, run_quickstart
 
 

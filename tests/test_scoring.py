@@ -181,7 +181,7 @@ def test_score_file_roundtrip(tmp_path, tiny_qwen2_rm_dir):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "p", "reference": "r", "output": "c"}) + "\n{not json\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"bad.jsonl:2 is not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
         score_file(tiny_qwen2_rm_dir, bad, tmp_path / "x.jsonl", device="cpu")
     missing = tmp_path / "missing.jsonl"
     missing.write_text(json.dumps({"prompt": "p", "output": "c"}) + "\n", encoding="utf-8")

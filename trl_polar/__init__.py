@@ -18,7 +18,7 @@ _LAZY = {
     "PolarScorer": "scorer",
     "PolarReward": "rewards",
     "PolarClient": "serving.client",
-    "load_preference_dataset": "data_loading",
+    "load_preference_dataset": "data.loading",
     "load_reward_model": "modeling",
     "prepare_reward_model": "modeling",
     "add_polar_tokens": "modeling",
@@ -46,7 +46,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .collator import PolarDataCollator
     from .config import PolarConfig
-    from .data_loading import load_preference_dataset
+    from .data.loading import load_preference_dataset
     from .modeling import add_polar_tokens, load_reward_model, prepare_reward_model
     from .rewards import PolarReward
     from .scorer import PolarScorer

@@ -16,6 +16,9 @@ from typing import IO
 
 logger = logging.getLogger(__name__)
 
+# Temporary files are ``.tmp-<name>-<random>`` beside their destination: a resumed run removes the ones a kill left.
+TEMP_PREFIX = ".tmp-"
+
 
 def check_destination(
     path: str | os.PathLike, *, inputs: Sequence[str | os.PathLike] = (), directory: bool = False
@@ -65,7 +68,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{target.name}-", dir=target.parent)
     encoding = None if "b" in mode else "utf-8"
     try:
         with os.fdopen(fd, mode, encoding=encoding) as f:
@@ -73,10 +76,20 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
+        _fsync_directory(target.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _fsync_directory(folder: Path) -> None:
+    # The rename is durable only once the directory entry is; without this a power loss may lose a finished file.
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write, check_destination
+from .data.io import iter_json_records
 from .scorer import DEFAULT_MAX_TOKENS_PER_BATCH, EncodeError, PolarScorer, Scorer
 
 logger = logging.getLogger(__name__)
@@ -36,29 +37,6 @@ def _detect_column(row: dict, wanted: str | None, path: str | os.PathLike, line:
         f"{path}:{line} has none of the candidate columns {list(CANDIDATE_COLUMNS)} (it has {sorted(row)}). Name the "
         "column with --candidate-column."
     )
-
-
-def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """(line number, row) of a JSON-lines file; blank lines are skipped, a malformed line is an error naming it."""
-    rows = []
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(
-                    f"{path}:{line_no} is not UTF-8 ({err.reason}). Re-encode the file as UTF-8."
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no} is not valid JSON ({err.msg}). Fix or remove that line.") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_no} must be a JSON object, got {type(row).__name__}.")
-            rows.append((line_no, row))
-    return rows
 
 
 class ScoringInterrupted(KeyboardInterrupt):
@@ -135,9 +113,7 @@ def score_file(
 
 def _read_rows(data_path, columns: tuple[str, str, str | None]) -> tuple[list[tuple[int, dict]], tuple[str, str, str]]:
     """The rows with their line numbers, and the (prompt, reference, candidate) columns every row has."""
-    rows = read_jsonl(data_path)
-    if not rows:
-        raise ValueError(f"{data_path} has no rows. Write one JSON object per line with prompt, reference, output.")
+    rows = list(iter_json_records(data_path))  # an empty file is an error there, naming it
     prompt_column, reference_column, candidate_column = columns
     found = (prompt_column, reference_column, _detect_column(rows[0][1], candidate_column, data_path, rows[0][0]))
     for line, row in rows:

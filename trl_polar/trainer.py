@@ -29,7 +29,7 @@ from trl.trainer.utils import global_then_local_main_first
 
 from .collator import PAIR_COLUMNS, RANKING_COLUMN, PolarDataCollator
 from .config import PolarConfig
-from .data_loading import load_preference_dataset
+from .data.loading import load_preference_dataset
 from .losses import bradley_terry_loss, plackett_luce_loss, ranking_accuracy
 from .modeling import prepare_reward_model, value_head
 from .segment_attention import Segment, SegmentLayout, use_segment_attention
@@ -449,7 +449,7 @@ def train_from_config(
     Args:
         config: the training configuration; ``resume_from_checkpoint`` is honoured.
         model: hub name or local path of the backbone (causal LM) or of a POLAR reward model to fine-tune.
-        train_data, eval_data: see `trl_polar.data_loading.load_preference_dataset`.
+        train_data, eval_data: see `trl_polar.data.loading.load_preference_dataset`.
         train_split, eval_split: splits to load (a single local file is the 'train' split).
         peft_config: e.g. `lora_config()`; trains adapters and the value head.
 

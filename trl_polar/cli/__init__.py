@@ -10,8 +10,8 @@ import sys
 
 import typer
 
-from ..data.cli import build_data_command, convert_data_command
 from . import checkpoints, evaluate, info, quickstart, scaling, score, train
+from .data import build_data_command, convert_data_command
 from .errors import CLIError
 from .serve import serve_command
 

@@ -23,7 +23,7 @@ def evaluate(
     plots: Annotated[bool, typer.Option(help="Write PNG plots (needs matplotlib).")] = True,
 ) -> None:
     """Accuracy of a POLAR reward model on pairwise, best-of-N or RMB-style data, with a report and plots."""
-    from ..data_loading import load_preference_dataset
+    from ..data.loading import load_preference_dataset
     from ..evaluation import evaluate as run_evaluation
     from ..evaluation import write_report
 

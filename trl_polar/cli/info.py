@@ -28,35 +28,9 @@ def version() -> None:
 
 def read_row(path: Path, row: int) -> dict[str, Any]:
     """Row `row` (0-based) of a .json (a list of objects) or .jsonl file."""
-    if not path.is_file():
-        raise CLIError(f"{path}: no such file.")
-    if path.suffix == ".jsonl":
-        record, count = None, 0
-        with path.open(encoding="utf-8") as f:
-            for count, line in enumerate(f, start=1):
-                if count - 1 == row:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise CLIError(f"{path}: line {count} is not valid JSON ({e.msg}).") from None
-                    break
-        if record is None:
-            raise CLIError(f"{path}: has no row {row} (it has {count} rows).")
-    else:
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise CLIError(
-                f"{path}: not valid JSON ({e.msg}, line {e.lineno}); use a list of objects or .jsonl."
-            ) from None
-        if not isinstance(records, list):
-            raise CLIError(f"{path}: expected a JSON list of objects, got {type(records).__name__}.")
-        if not 0 <= row < len(records):
-            raise CLIError(f"{path}: has no row {row} (it has {len(records)} rows).")
-        record = records[row]
-    if not isinstance(record, dict):
-        raise CLIError(f"{path}: row {row} is {type(record).__name__}, expected an object with prompt/reference.")
-    return record
+    from ..data.io import read_row as read_file_row
+
+    return read_file_row(path, row)
 
 
 def _template(model: str | None, tokenizer: str | None, overrides: dict[str, Any]):

@@ -3,7 +3,7 @@
 See docs/data.md. Importing this package loads neither torch nor transformers; the functions that need them do.
 """
 
-from .converters import FORMATS, ConversionResult, ConvertOptions, convert
+from .converters import FORMATS, Conversion, ConversionResult, ConvertOptions, convert
 from .io import DataError, read_records, read_rows, write_rows
 from .prompts import PromptConfig, PromptSet, sample_prompts
 from .synthesis import (
@@ -23,6 +23,7 @@ from .trimming import find_loop, trim_incomplete_ending, trim_loop
 
 __all__ = [
     "FORMATS",
+    "Conversion",
     "ConversionResult",
     "ConvertOptions",
     "DataError",

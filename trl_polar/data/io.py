@@ -1,7 +1,9 @@
-"""Reading records with their locations, and writing rows atomically.
+"""The one reader of JSON and JSON Lines files, reading records with their locations, and atomic writes.
 
-Every record read here carries where it came from (``file:line`` for JSON Lines, ``file:record N`` for a JSON
-array, ``file:row N`` for Parquet, ``row N`` for an in-memory dataset), so that an error can name it.
+Every record read here carries where it came from (``file:line``, 1-based, for ``.jsonl`` and ``.json`` files,
+``file:row N`` for Parquet, ``row N`` for an in-memory dataset), so that an error can name it. Every problem with a
+file (bad UTF-8, broken JSON, a record that is not an object, no records at all) is one `DataError` line naming the
+file and line and the fix.
 """
 
 from __future__ import annotations
@@ -9,17 +11,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write
+
 logger = logging.getLogger(__name__)
 
 READABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
 WRITABLE_SUFFIXES = (".jsonl", ".parquet")
+_SKIP_HINT = " or pass skip_invalid=True (--skip-invalid) to skip and count it"
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
 class DataError(ValueError):
@@ -34,6 +40,156 @@ class Record:
     value: Any
 
 
+class _Problems:
+    """Raises a bad line's error, or (when skipping) counts it by reason and logs it."""
+
+    def __init__(self, skip_invalid: bool | None, counts: Counter) -> None:
+        self.skip_invalid, self.counts = skip_invalid, counts
+
+    def __call__(self, location: str, problem: str, fix: str, reason: str) -> None:
+        if not self.skip_invalid:
+            hint = _SKIP_HINT if self.skip_invalid is False else ""
+            raise DataError(f"{location}: {problem}. {fix}{hint}.")
+        self.counts[f"skipped_{reason}"] += 1
+        logger.warning("skipped %s: %s", location, problem)
+
+    def skipped(self) -> int:
+        return sum(v for k, v in self.counts.items() if k.startswith("skipped_"))
+
+
+def _not_an_object(value: Any) -> str:
+    return f"expected a JSON object with named fields, got {type(value).__name__}: {value!r:.80}"
+
+
+def iter_json_records(
+    path: str | os.PathLike, skip_invalid: bool | None = None, counts: Counter | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line, record)`` for every object of a ``.jsonl`` or ``.json`` file; ``line`` counts from 1.
+
+    A ``.jsonl`` file holds one object per line (blank lines are counted in ``counts["blank_lines"]``); a ``.json``
+    file holds a JSON array of objects, one object, or one object per line. Bad UTF-8, a line that is not valid JSON
+    and a record that is not an object raise `DataError` naming ``file:line``; with ``skip_invalid=True`` a bad line
+    of JSON Lines is skipped instead and counted as ``counts["skipped_<reason>"]``. ``skip_invalid=None`` is for
+    callers that offer no skipping (the error then does not suggest it). A file without records is an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (looked from {os.getcwd()}).")
+    counts = counts if counts is not None else Counter()
+    problems = _Problems(skip_invalid, counts)
+    if path.suffix.lower() == ".json":
+        records = _json_file_records(path, _decode(path, path.read_bytes()), problems)
+    else:
+        with path.open("rb") as f:
+            yield from _checked_lines(path, _line_records(path, f, problems), problems)
+            return
+    yield from _checked_lines(path, records, problems)
+
+
+def _checked_lines(path: Path, records: Iterable[tuple[int, Any]], problems: _Problems) -> Iterator[tuple[int, dict]]:
+    skipped_before = problems.skipped()
+    found = 0
+    for line, value in records:
+        if isinstance(value, Mapping):
+            found += 1
+            yield line, value
+        else:
+            problems(f"{path}:{line}", _not_an_object(value), "Make each record a JSON object", "not_an_object")
+    if not found and problems.skipped() == skipped_before:
+        raise DataError(
+            f"{path}: the file holds no records. Write one JSON object per line (.jsonl) or a JSON array of objects."
+        )
+
+
+def _bad_utf8(data: bytes, error: UnicodeDecodeError) -> str:
+    column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+    return f"not UTF-8 text (byte 0x{data[error.start]:02x} at column {column})"
+
+
+def _decode(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: {_bad_utf8(data, e)}. Save the file as UTF-8.") from None
+
+
+def _line_records(path: Path, lines: Iterable[bytes], problems: _Problems) -> Iterator[tuple[int, Any]]:
+    for number, raw in enumerate(lines, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problems(f"{path}:{number}", _bad_utf8(raw, e), "Save the file as UTF-8", "not_utf8")
+            continue
+        if number == 1:
+            line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
+        if not line.strip():
+            # Blank lines carry no record; editors often leave one at the end. Counted, not an error.
+            problems.counts["blank_lines"] += 1
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as e:
+            problem = f"not valid JSON ({e.msg} at column {e.colno})"
+            problems(f"{path}:{number}", problem, "Fix the line", "invalid_json")
+
+
+def _json_file_records(path: Path, text: str, problems: _Problems) -> Iterator[tuple[int, Any]]:
+    text = text.removeprefix("\ufeff")
+    start = _WHITESPACE.match(text).end()
+    if text.startswith("[", start):
+        return _array_records(path, text, start)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg != "Extra data":
+            _broken_json(path, e)
+        # More than one value: one object per line, as in JSON Lines.
+        return _line_records(path, text.encode("utf-8").splitlines(keepends=True), problems)
+    return iter([(text.count("\n", 0, start) + 1, value)] if start < len(text) else [])
+
+
+def _array_records(path: Path, text: str, start: int) -> Iterator[tuple[int, Any]]:
+    """The elements of a JSON array with the line each starts on (``json.loads`` would forget the lines)."""
+    decoder = json.JSONDecoder()
+    position, line, counted = _WHITESPACE.match(text, start + 1).end(), 1, 0
+    closed = text.startswith("]", position)
+    try:
+        while not closed:
+            line += text.count("\n", counted, position)
+            counted = position
+            value, end = decoder.raw_decode(text, position)
+            yield line, value
+            position = _WHITESPACE.match(text, end).end()
+            if text.startswith(",", position):
+                position = _WHITESPACE.match(text, position + 1).end()
+            elif text.startswith("]", position):
+                closed = True
+            else:
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, position)
+        end = _WHITESPACE.match(text, position + 1).end()
+        if end < len(text):
+            raise json.JSONDecodeError("Extra data", text, end)
+    except json.JSONDecodeError as e:
+        _broken_json(path, e)
+
+
+def _broken_json(path: Path, error: json.JSONDecodeError) -> None:
+    raise DataError(
+        f"{path}:{error.lineno}: not valid JSON ({error.msg} at column {error.colno}). Fix it; a .json file holds "
+        "one array of objects, so a broken record cannot be skipped: use .jsonl (one object per line) for that."
+    ) from None
+
+
+def read_row(path: str | os.PathLike, row: int) -> dict[str, Any]:
+    """Record ``row`` (counted from 0) of a ``.jsonl`` or ``.json`` file."""
+    count = 0
+    for count, (_, record) in enumerate(iter_json_records(path), start=1):
+        if count - 1 == row:
+            return record
+    raise DataError(f"{path}: has no row {row} (it has {count} rows).")
+
+
 def read_records(
     source: str | os.PathLike | Iterable[Mapping[str, Any]],
     skip_invalid: bool = False,
@@ -41,104 +197,43 @@ def read_records(
 ) -> Iterator[Record]:
     """Yield the records of a ``.jsonl``/``.json``/``.parquet`` file, or of an in-memory dataset or list.
 
-    A line that is not valid JSON, or a record that is not an object, raises `DataError` naming the file and the
-    line; with ``skip_invalid`` it is skipped and counted in ``counts["skipped_invalid_json"]`` or
-    ``counts["skipped_not_an_object"]``.
+    JSON files are read by `iter_json_records` (its errors, and what ``skip_invalid`` skips, apply); a row of a
+    Parquet file or a dataset that is not an object raises `DataError`, or with ``skip_invalid`` is skipped and
+    counted in ``counts["skipped_not_an_object"]``.
     """
     counts = counts if counts is not None else Counter()
-    if isinstance(source, (str, os.PathLike)):
-        yield from _read_file(Path(source), skip_invalid, counts)
+    problems = _Problems(skip_invalid, counts)
+    if not isinstance(source, (str, os.PathLike)):
+        for i, value in enumerate(source):
+            yield from _checked(f"row {i}", value, problems)
         return
-    for i, value in enumerate(source):
-        yield from _checked(f"row {i}", value, skip_invalid, counts)
-
-
-def _checked(location: str, value: Any, skip_invalid: bool, counts: Counter) -> Iterator[Record]:
-    if isinstance(value, Mapping):
-        yield Record(location, value)
-        return
-    message = f"{location}: expected a JSON object with named fields, got {type(value).__name__}: {value!r:.80}."
-    if not skip_invalid:
-        raise DataError(message + " Fix the record or pass skip_invalid=True (--skip-invalid) to skip and count it.")
-    counts["skipped_not_an_object"] += 1
-    logger.warning("skipped: %s", message)
-
-
-def _read_file(path: Path, skip_invalid: bool, counts: Counter) -> Iterator[Record]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (looked from {os.getcwd()}).")
+    path = Path(source)
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    # Blank lines carry no record; editors often leave one at the end. Counted, not an error.
-                    counts["blank_lines"] += 1
-                    continue
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as e:
-                    message = f"{path}:{line_number}: not valid JSON ({e.msg} at column {e.colno})."
-                    if not skip_invalid:
-                        raise DataError(
-                            message + " Fix the line or pass skip_invalid=True (--skip-invalid) to skip and count it."
-                        ) from None
-                    counts["skipped_invalid_json"] += 1
-                    logger.warning("skipped: %s", message)
-                    continue
-                yield from _checked(f"{path}:{line_number}", value, skip_invalid, counts)
-    elif suffix == ".json":
-        try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}). A .json file must hold one list of "
-                "objects; use .jsonl for one object per line (a malformed line can then be skipped)."
-            ) from None
-        if isinstance(values, Mapping):
-            values = [values]
-        if not isinstance(values, list):
-            raise DataError(f"{path}: expected a JSON list of objects, got {type(values).__name__}.")
-        for i, value in enumerate(values):
-            yield from _checked(f"{path}:record {i}", value, skip_invalid, counts)
+    if suffix in (".jsonl", ".json"):
+        for line, value in iter_json_records(path, skip_invalid, counts):
+            yield Record(f"{path}:{line}", value)
     elif suffix == ".parquet":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file (looked from {os.getcwd()}).")
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
-        for i, value in enumerate(table.to_pylist()):
-            yield from _checked(f"{path}:row {i}", value, skip_invalid, counts)
+        for i, value in enumerate(pq.read_table(path).to_pylist()):
+            yield from _checked(f"{path}:row {i}", value, problems)
     else:
         raise DataError(f"{path}: unknown file type {suffix!r}; use one of {READABLE_SUFFIXES}.")
 
 
-def _fsync_replace(tmp: str, final: str | os.PathLike) -> None:
-    os.replace(tmp, final)
-    # The rename is durable only once the directory entry is; without this a power loss may lose a finished file.
-    directory = os.open(os.path.dirname(os.path.abspath(final)), os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+def _checked(location: str, value: Any, problems: _Problems) -> Iterator[Record]:
+    if isinstance(value, Mapping):
+        yield Record(location, value)
+    else:
+        problems(location, _not_an_object(value), "Fix the record", "not_an_object")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it over ``path``.
-
-    A reader (or a resumed run) therefore sees either the old file or the whole new one, never a partial file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` whole or not at all (`trl_polar.atomic.atomic_write`)."""
+    with atomic_write(path, "wb") as f:
+        f.write(data)
 
 
 def atomic_write_json(path: str | os.PathLike, value: Any) -> None:

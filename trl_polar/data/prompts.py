@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..checks import check_positive_int
 from ..template import flatten
 from .io import DataError
 
@@ -55,8 +56,7 @@ class PromptConfig:
     dedup: bool = field(default=True, metadata={"help": "Remove exact duplicate prompts (each removal is counted)."})
 
     def __post_init__(self) -> None:
-        if self.num_prompts is not None and (isinstance(self.num_prompts, bool) or self.num_prompts <= 0):
-            raise ValueError(f"`num_prompts` must be a positive integer or None, got {self.num_prompts!r}.")
+        check_positive_int("num_prompts", self.num_prompts, optional=True)
         if not 1 <= self.min_prefix_tokens <= self.max_prefix_tokens:
             raise ValueError(
                 f"Need 1 <= min_prefix_tokens <= max_prefix_tokens, got {self.min_prefix_tokens} and "
@@ -192,110 +192,114 @@ def sample_prompts(corpus: Any, tokenizer: Any, config: PromptConfig | None = No
             f"instruction_share={config.instruction_share} needs an instruction set: pass instructions= "
             "(--instructions FILE)."
         )
-    if config.num_prompts is None:
-        share = config.instruction_share
-        n_prefix = len(docs) if share < 1 else 0
-        n_instr = round(n_prefix * share / (1 - share)) if share < 1 else len(instr)
-        if instr is not None:
-            n_instr = min(n_instr, len(instr))
-    else:
-        n_instr = round(config.num_prompts * config.instruction_share)
-        n_prefix = config.num_prompts - n_instr
-
-    counts: Counter = Counter()
-    seen: set[str] = set()
-    rows: list[dict[str, Any]] = []
-
-    def keep(text: str) -> bool:
-        if config.dedup and text in seen:
-            counts["duplicate_prompts"] += 1
-            return False
-        seen.add(text)
-        return True
-
-    order = list(range(len(docs)))
-    _rng(config.seed, "doc-order").shuffle(order)
-    column = docs[config.text_column]
-    taken = 0
-    for index in order:
-        if taken == n_prefix:
-            break
-        text = column[index]
-        if not isinstance(text, str):
-            raise DataError(
-                f"corpus row {index}: column {config.text_column!r} must hold text, got {type(text).__name__}."
-            )
-        if not text.strip():
-            counts["empty_documents"] += 1
-            continue
-        length = _rng(config.seed, "prefix", index).randint(config.min_prefix_tokens, config.max_prefix_tokens)
-        prompt, n_tokens = _prefix(text, tokenizer, length)
-        if not prompt.strip():
-            counts["empty_prefixes"] += 1
-            continue
-        if n_tokens < length:
-            # The document was shorter than the drawn length; the whole document is the prompt. Not an error.
-            counts["short_documents"] += 1
-        if not keep(prompt):
-            continue
-        rows.append(
-            {
-                "prompt_id": f"prefix-{index}",
-                "kind": "prefix",
-                "prompt": prompt,
-                "messages": None,
-                "wrapper": "pretrain",
-                "source_index": index,
-                "prefix_tokens": n_tokens,
-            }
-        )
-        taken += 1
-    # Without num_prompts every usable document gives one prompt, so skipped documents are no shortfall.
-    if taken < n_prefix and config.num_prompts is not None:
-        raise DataError(
-            f"The corpus gave only {taken} usable prefix prompts of the {n_prefix} asked for ({len(docs)} documents; "
-            f"skipped: {dict(counts)}). Lower --num-prompts or add documents."
-        )
-
+    n_prefix, n_instr = _targets(config, len(docs), None if instr is None else len(instr))
+    sampler = _Sampler(config)
+    sampler.prefixes(docs, tokenizer, n_prefix)
     if n_instr:
-        order = list(range(len(instr)))
-        _rng(config.seed, "instruction-order").shuffle(order)
-        column = instr[config.instruction_column]
-        taken = 0
-        for index in order:
-            if taken == n_instr:
-                break
-            messages = _instruction_messages(column[index], f"instruction row {index}")
-            if messages is None:
-                counts["empty_instructions"] += 1
-                continue
-            prompt = flatten(messages, "instruction")
-            if not keep(prompt):
-                continue
-            rows.append(
-                {
-                    "prompt_id": f"instruction-{index}",
-                    "kind": "instruction",
-                    "prompt": prompt,
-                    "messages": messages,
-                    "wrapper": "sft",
-                    "source_index": index,
-                    "prefix_tokens": None,
-                }
-            )
-            taken += 1
-        if taken < n_instr and config.num_prompts is not None:
-            raise DataError(
-                f"The instruction set gave only {taken} usable prompts of the {n_instr} asked for ({len(instr)} rows; "
-                f"skipped: {dict(counts)}). Lower --instruction-share or add instructions."
-            )
-
+        sampler.instructions(instr, n_instr)
+    rows = sampler.rows
     _rng(config.seed, "mix").shuffle(rows)
-    if counts:
-        logger.info("prompt sampling skipped: %s", dict(counts))
+    if sampler.counts:
+        logger.info("prompt sampling skipped: %s", dict(sampler.counts))
     n_instr = sum(row["kind"] == "instruction" for row in rows)
     logger.info("sampled %d prompts (%d prefix, %d instruction)", len(rows), len(rows) - n_instr, n_instr)
-    return PromptSet(rows, counts, config)
+    return PromptSet(rows, sampler.counts, config)
+
+
+def _targets(config: PromptConfig, num_docs: int, num_instructions: int | None) -> tuple[int, int]:
+    """How many prefix and instruction prompts to sample."""
+    if config.num_prompts is not None:
+        n_instr = round(config.num_prompts * config.instruction_share)
+        return config.num_prompts - n_instr, n_instr
+    share = config.instruction_share
+    n_prefix = num_docs if share < 1 else 0
+    n_instr = round(n_prefix * share / (1 - share)) if share < 1 else num_instructions
+    if num_instructions is not None:
+        n_instr = min(n_instr, num_instructions)
+    return n_prefix, n_instr
+
+
+class _Sampler:
+    """The prompts sampled so far, the texts seen (for deduplication) and the counts of what was skipped."""
+
+    def __init__(self, config: PromptConfig) -> None:
+        self.config = config
+        self.counts: Counter = Counter()
+        self.seen: set[str] = set()
+        self.rows: list[dict[str, Any]] = []
+
+    def keep(self, text: str) -> bool:
+        if self.config.dedup and text in self.seen:
+            self.counts["duplicate_prompts"] += 1
+            return False
+        self.seen.add(text)
+        return True
+
+    def take(self, size: int, order_name: str, wanted: int, candidate: Any) -> int:
+        """Visit indices ``0..size`` in a seeded order until ``wanted`` rows are kept; ``candidate(i)`` is a row or
+        None (skipped, counted by it). Returns how many were kept."""
+        order = list(range(size))
+        _rng(self.config.seed, order_name).shuffle(order)
+        taken = 0
+        for index in order:
+            if taken == wanted:
+                break
+            row = candidate(index)
+            if row is not None and self.keep(row["prompt"]):
+                self.rows.append(row)
+                taken += 1
+        return taken
+
+    def prefixes(self, docs: Any, tokenizer: Any, wanted: int) -> None:
+        config, counts = self.config, self.counts
+        column = docs[config.text_column]
+
+        def candidate(index: int) -> dict[str, Any] | None:
+            text = column[index]
+            if not isinstance(text, str):
+                raise DataError(
+                    f"corpus row {index}: column {config.text_column!r} must hold text, got {type(text).__name__}."
+                )
+            if not text.strip():
+                counts["empty_documents"] += 1
+                return None
+            length = _rng(config.seed, "prefix", index).randint(config.min_prefix_tokens, config.max_prefix_tokens)
+            prompt, n_tokens = _prefix(text, tokenizer, length)
+            if not prompt.strip():
+                counts["empty_prefixes"] += 1
+                return None
+            if n_tokens < length:
+                # The document was shorter than the drawn length; the whole document is the prompt. Not an error.
+                counts["short_documents"] += 1
+            return {"prompt_id": f"prefix-{index}", "kind": "prefix", "prompt": prompt, "messages": None,
+                    "wrapper": "pretrain", "source_index": index, "prefix_tokens": n_tokens}  # fmt: skip
+
+        taken = self.take(len(docs), "doc-order", wanted, candidate)
+        # Without num_prompts every usable document gives one prompt, so skipped documents are no shortfall.
+        if taken < wanted and config.num_prompts is not None:
+            raise DataError(
+                f"The corpus gave only {taken} usable prefix prompts of the {wanted} asked for ({len(docs)} "
+                f"documents; skipped: {dict(counts)}). Lower --num-prompts or add documents."
+            )
+
+    def instructions(self, instr: Any, wanted: int) -> None:
+        column = instr[self.config.instruction_column]
+
+        def candidate(index: int) -> dict[str, Any] | None:
+            messages = _instruction_messages(column[index], f"instruction row {index}")
+            if messages is None:
+                self.counts["empty_instructions"] += 1
+                return None
+            return {"prompt_id": f"instruction-{index}", "kind": "instruction",
+                    "prompt": flatten(messages, "instruction"), "messages": messages, "wrapper": "sft",
+                    "source_index": index, "prefix_tokens": None}  # fmt: skip
+
+        taken = self.take(len(instr), "instruction-order", wanted, candidate)
+        if taken < wanted and self.config.num_prompts is not None:
+            raise DataError(
+                f"The instruction set gave only {taken} usable prompts of the {wanted} asked for ({len(instr)} rows; "
+                f"skipped: {dict(self.counts)}). Lower --instruction-share or add instructions."
+            )
 
 
 def config_dict(config: PromptConfig) -> dict[str, Any]:
