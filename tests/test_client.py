@@ -74,6 +74,12 @@ def test_client_matches_inprocess_scorer(replicas, scorer):
             scorer.score(prompts[:5], references[:5], candidates[:5], wrapper="pretrain"),
         )
         assert client.score([], [], []) == []
+        # One wrapper per item, as the Scorer protocol allows (`trl-polar score` passes a file's per-row wrappers).
+        mixed = ["sft", "pretrain", "pretrain", "sft", "pretrain"]
+        assert_close(
+            client.score(prompts[:5], references[:5], candidates[:5], wrapper=mixed),
+            scorer.score(prompts[:5], references[:5], candidates[:5], wrapper=mixed),
+        )
 
         async def inside_a_running_loop():
             # TRL may call reward functions from async code: ascore awaits, and even the sync call works here.

@@ -33,7 +33,8 @@ class Backend:
     def item(self, template: PolarTemplate | None, prompt: Text, reference: Text, candidate: Text, wrapper: str):
         for name, value in (("prompt", prompt), ("reference", reference), ("candidate", candidate)):
             flatten(value, name)  # fail here, naming the item, rather than with a 422
-        return {"prompt": prompt, "reference": reference, "candidate": candidate}
+        # Each item carries its wrapper, so that one request may mix "sft" and "pretrain" items.
+        return {"prompt": prompt, "reference": reference, "candidate": candidate, "wrapper": wrapper}
 
     def request(self, chunk: list, model_name: str | None, wrapper: str) -> dict:
         return {"items": chunk, "options": {"wrapper": wrapper}}

@@ -291,9 +291,10 @@ class PolarClient:
         prompts: Sequence[Text],
         references: Sequence[Text],
         candidates: Sequence[Text],
-        wrapper: str | None = None,
+        wrapper: str | Sequence[str] | None = None,
     ) -> list[float]:
-        """One float per (prompt, reference, candidate), in order; raises `PolarClientError`, never returns None."""
+        """One float per (prompt, reference, candidate), in order; raises `PolarClientError`, never returns None.
+        ``wrapper``: one for all items or one per item; default: the client's."""
         return self._submit(prompts, references, candidates, wrapper).result()
 
     async def ascore(
@@ -301,7 +302,7 @@ class PolarClient:
         prompts: Sequence[Text],
         references: Sequence[Text],
         candidates: Sequence[Text],
-        wrapper: str | None = None,
+        wrapper: str | Sequence[str] | None = None,
     ) -> list[float]:
         """`score` for async code: awaits without blocking the caller's event loop."""
         return await asyncio.wrap_future(self._submit(prompts, references, candidates, wrapper))
@@ -314,16 +315,21 @@ class PolarClient:
         )
 
     # ------------------------------------------------------------------------------------------------ internals
-    def _payloads(self, prompts, references, candidates, wrapper: str) -> list[tuple[dict, int]]:
+    def _payloads(self, prompts, references, candidates, wrapper) -> list[tuple[dict, int]]:
         backend = BACKENDS[self.backend]
+        # One wrapper for the call, or one per item (the Scorer protocol's `wrapper`).
+        wrappers = [wrapper] * len(candidates) if isinstance(wrapper, str) else list(wrapper)
+        if len(wrappers) != len(candidates):
+            raise ValueError(f"`wrapper` has {len(wrappers)} entries for {len(candidates)} items; pass one per item.")
         items = []
-        for i, triple in enumerate(zip(prompts, references, candidates)):
+        for i, triple in enumerate(zip(prompts, references, candidates, strict=True)):
             try:
-                items.append(backend.item(self.template, *triple, wrapper))
+                items.append(backend.item(self.template, *triple, wrappers[i]))
             except ValueError as err:
                 raise ValueError(f"Item {i}: {err}") from err
+        default = wrappers[0] if wrappers else self.wrapper
         chunks = [items[at : at + self.chunk_size] for at in range(0, len(items), self.chunk_size)]
-        return [(backend.request(chunk, self.model_name, wrapper), len(chunk)) for chunk in chunks]
+        return [(backend.request(chunk, self.model_name, default), len(chunk)) for chunk in chunks]
 
     async def _score(self, prompts, references, candidates, wrapper) -> list[float]:
         for name, value in (("prompts", prompts), ("references", references), ("candidates", candidates)):
