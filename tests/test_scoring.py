@@ -291,3 +291,23 @@ def test_score_file_checks_the_output_before_any_work(tmp_path, tiny_qwen2_rm_di
     with pytest.raises(ValueError, match=r"is a folder; the output is a file"):
         score_file(never, data, tmp_path)
     assert never.seen == []
+
+
+def test_score_file_resumes_after_a_kill_that_cut_the_last_line(tmp_path, tiny_qwen2_rm_dir):
+    # What kill -9 during an append leaves: whole scored lines, then part of one.
+    scorer = PolarScorer(tiny_qwen2_rm_dir, device="cpu")
+    data, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    rows = _file_rows(5)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    first = scorer.score(
+        [r["prompt"] for r in rows[:2]], [r["reference"] for r in rows[:2]], [r["output"] for r in rows[:2]]
+    )
+    kept = "".join(json.dumps({**r, "reward": s}) + "\n" for r, s in zip(rows[:2], first, strict=True))
+    (tmp_path / "out.jsonl.partial").write_text(kept + json.dumps(rows[2])[:17], encoding="utf-8")
+    counting = InterruptAfter(scorer, calls=0)
+    summary = score_file(counting, data, out, chunk_rows=2, show_progress=False)
+    assert summary["resumed"] == 2 and counting.seen == [2, 1]
+    written = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    expected = scorer.score([r["prompt"] for r in rows], [r["reference"] for r in rows], [r["output"] for r in rows])
+    assert [r["id"] for r in written] == list(range(5))
+    assert [r["reward"] for r in written] == pytest.approx(expected, abs=1e-5)
