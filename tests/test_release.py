@@ -27,7 +27,13 @@ def test_build_and_twine_check(tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"trl_polar/py.typed", "trl_polar/template.py", "trl_polar/data/synthesis.py"} <= names
+    assert {
+        "trl_polar/py.typed",
+        "trl_polar/template.py",
+        "trl_polar/data/synthesis/store.py",
+        "trl_polar/serving/app.py",
+        "trl_polar/cli/__main__.py",
+    } <= names
     assert not any(name.startswith(("tests/", "benchmarks/", "examples/")) for name in names)
     metadata = next(n for n in names if n.endswith("METADATA"))
     text = zipfile.ZipFile(wheel).read(metadata).decode()
