@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 
 from .io import DataError, iter_json_records
@@ -71,5 +72,5 @@ def _check_json(builder: str, files: list[str]) -> None:
     """Raise the reader's one-line error (file:line and the fix) for the first unreadable JSON file, if any."""
     if builder == "json":
         for file in files:
-            for _ in iter_json_records(file):
-                pass
+            # Read to the end: the reader raises at the first bad line, naming it.
+            collections.deque(iter_json_records(file), maxlen=0)
