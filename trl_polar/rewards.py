@@ -17,11 +17,13 @@ import os
 import re
 import statistics
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .scorer import Scorer
+from .failures import FailurePolicy, describe
+from .scorer import EncodeError, Scorer
 from .template import Text, flatten
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,9 @@ AGGREGATES = ("mean", "max", "min")
 NORMALIZATIONS = (None, "group", "batch")
 ON_MISSING = ("none", "error")
 MODEL_ENV = "TRL_POLAR_MODEL"
+# Upstream POLAR's RL recipe scores the answer without its reasoning; every reward path of this library does too.
+STRIP_THINK_DEFAULT = True
+_warned_cpu = False
 
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
 _THINK_OPEN = re.compile(r"<think>.*", re.DOTALL)
@@ -89,6 +94,15 @@ def _as_reference_list(value: Any) -> list[Text]:
 
 
 @dataclass
+class RewardOutcome:
+    """What one reward call produced: per row the reward, the raw POLAR score, and why a row failed (if it did)."""
+
+    rewards: list[float | None]
+    raw: list[float | None]
+    failures: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
 class _Plan:
     """What one reward call scores: the triples (plus baselines) and which row each belongs to."""
 
@@ -99,6 +113,9 @@ class _Plan:
     owners: list[int] = field(default_factory=list)
     base_index: list[int] = field(default_factory=list)
     num_triples: int = 0
+    # Why a row (by row index) or a scored triple (by batch index) got no score.
+    failures: dict[int, str] = field(default_factory=dict)
+    triple_failures: dict[int, str] = field(default_factory=dict)
 
     def columns(self) -> tuple[list[Text], list[Text], list[str]]:
         return [t[0] for t in self.batch], [t[1] for t in self.batch], [t[2] for t in self.batch]
@@ -116,13 +133,18 @@ class PolarReward:
         aggregate: "mean", "max" or "min" over a row's references.
         on_missing_reference: "none" returns None for a row without a reference (TRL then ignores the row for this
             reward), "error" raises, naming the row.
-        strip_think: remove ``<think>…</think>`` from completions before scoring (upstream's RL recipe does).
+        strip_think: remove ``<think>…</think>`` from completions before scoring (default True, as upstream's RL
+            recipe does; every reward path of this library shares this default).
         wrapper: "sft" (default) or "pretrain", the template wrapper.
         baseline: subtract r(prompt, reference, reference), so a copy of the reference scores exactly 0.
         normalize: None (default), "group" (z-score among the completions of one prompt in this call) or "batch"
             (z-score over the call).
         clip: ``(low, high)`` or a single ``c`` for ``(-c, c)``, applied after normalisation.
         sigmoid_scale: map the reward through ``sigmoid(reward / sigmoid_scale)``, last.
+        on_error: "raise" (default) or "none": what a completion that cannot be scored gets (an unreadable completion,
+            a scorer or server failure, a timeout); "none" gives it None (TRL skips it) and counts it in
+            ``<name>/failed_frac`` (`trl_polar.failures`).
+        score_timeout: seconds a call may wait for its scores (None: no limit); past it, ``on_error`` applies.
         name: the metric name TRL logs this reward under (``rewards/<name>/mean``).
         log_stats: log raw-reward statistics through TRL's ``log_metric``.
         url, urls: score remotely instead: one server or several replicas (`trl_polar.serving.client.PolarClient`): a
@@ -146,13 +168,15 @@ class PolarReward:
         reference_column: str = "reference",
         aggregate: Literal["mean", "max", "min"] = "mean",
         on_missing_reference: Literal["none", "error"] = "none",
-        strip_think: bool = False,
+        strip_think: bool = STRIP_THINK_DEFAULT,
         wrapper: str = "sft",
         baseline: bool = False,
         normalize: Literal["group", "batch"] | None = None,
         clip: float | tuple[float, float] | None = None,
         sigmoid_scale: float | None = None,
         eps: float = 1e-6,
+        on_error: Literal["raise", "none"] = "raise",
+        score_timeout: float | None = None,
         name: str = "polar_reward",
         log_stats: bool = True,
         url: str | None = None,
@@ -164,6 +188,7 @@ class PolarReward:
     ) -> None:
         _check_options(aggregate, normalize, on_missing_reference, reference_column, sigmoid_scale)
         self.clip = _clip_range(clip)
+        self.policy = FailurePolicy(on_error, score_timeout)
         if url is not None or urls is not None:
             if model_or_scorer is not None:
                 raise ValueError("Pass either a model (or scorer) or url/urls, not both.")
@@ -201,6 +226,8 @@ class PolarReward:
         if self._scorer is None:
             from .scorer import PolarScorer
 
+            if isinstance(self._source, (str, os.PathLike)) and "device" not in self._scorer_kwargs:
+                _warn_if_no_accelerator(self._source)
             self._scorer = PolarScorer(self._source, **self._scorer_kwargs)
         return self._scorer
 
@@ -223,14 +250,16 @@ class PolarReward:
     ) -> list[float | None]:
         started = time.perf_counter()
         references = self._check_call(prompts, completions, columns)
-        rewards, raw = self.compute(prompts, completions, references)
-        self._report(log_metric, rewards, raw, started)
-        return rewards
+        outcome = self.evaluate(prompts, completions, references)
+        self._report(log_metric, outcome, started)
+        return outcome.rewards
 
-    def _report(self, log_metric: Any, rewards: list[float | None], raw: list[float | None], started: float) -> None:
+    def _report(self, log_metric: Any, outcome: RewardOutcome, started: float) -> None:
         if log_metric is not None and self.log_stats:
-            missing = sum(r is None for r in rewards) / len(rewards) if rewards else 0.0
-            self._log(log_metric, raw, missing, time.perf_counter() - started)
+            n = len(outcome.rewards)
+            failed = len(outcome.failures) / n if n else 0.0
+            missing = (sum(r is None for r in outcome.rewards) / n if n else 0.0) - failed
+            self._log(log_metric, outcome.raw, missing, failed, time.perf_counter() - started)
 
     def _check_call(self, prompts: Sequence[Text], completions: Sequence[Text], columns: dict[str, Any]) -> Any:
         n = len(completions)
@@ -254,33 +283,112 @@ class PolarReward:
         self, prompts: Sequence[Text], completions: Sequence[Text], references: Sequence[Any]
     ) -> tuple[list[float | None], list[float | None]]:
         """Rewards for each completion and its raw POLAR score (aggregated over its references, before baseline,
-        normalisation, clipping and sigmoid); both None where the row has no reference."""
+        normalisation, clipping and sigmoid); both None where the row has no reference (or failed, with
+        ``on_error="none"``)."""
+        outcome = self.evaluate(prompts, completions, references)
+        return outcome.rewards, outcome.raw
+
+    def evaluate(
+        self, prompts: Sequence[Text], completions: Sequence[Text], references: Sequence[Any]
+    ) -> RewardOutcome:
+        """`compute` with the reasons of the failed rows, under the failure policy (``on_error``,
+        ``score_timeout``): the adapters count them in their framework's logs."""
         plan = self._plan(prompts, completions, references)
-        values = self._score(*plan.columns()) if plan.batch else []
+        values: list[float | None] = []
+        if plan.batch:
+            values = self._score_plan(plan, lambda *cols: self.policy.call(self._score, *cols))
+        return self._finish(plan, values)
+
+    async def aevaluate(
+        self, prompts: Sequence[Text], completions: Sequence[Text], references: Sequence[Any]
+    ) -> RewardOutcome:
+        """`evaluate` without blocking the event loop: a remote client is awaited, a local scorer runs in a thread."""
+        import asyncio
+
+        plan = self._plan(prompts, completions, references)
+        values: list[float | None] = []
+        if plan.batch:
+            if hasattr(self.scorer, "ascore"):
+
+                async def score(*cols):
+                    scores = await self.policy.await_(self.scorer.ascore(*cols, **self._wrapper()))
+                    return self._check_values(scores, len(cols[0]))
+            else:
+
+                async def score(*cols):
+                    return await self.policy.await_(asyncio.to_thread(self._score, *cols))
+
+            values = await self._ascore_plan(plan, score)
         return self._finish(plan, values)
 
     async def acompute(
         self, prompts: Sequence[Text], completions: Sequence[Text], references: Sequence[Any]
     ) -> tuple[list[float | None], list[float | None]]:
-        """`compute` without blocking the event loop: a remote client is awaited, a local scorer runs in a thread."""
-        import asyncio
+        """`compute` without blocking the event loop."""
+        outcome = await self.aevaluate(prompts, completions, references)
+        return outcome.rewards, outcome.raw
 
-        plan = self._plan(prompts, completions, references)
-        values: list[float] = []
-        if plan.batch:
-            if hasattr(self.scorer, "ascore"):
-                scores = await self.scorer.ascore(*plan.columns(), **self._wrapper())
-                values = self._check_values(scores, len(plan.batch))
-            else:
-                values = await asyncio.to_thread(self._score, *plan.columns())
-        return self._finish(plan, values)
+    def _score_plan(self, plan: _Plan, score: Any) -> list[float | None]:
+        """Scores of the plan's triples; with on_error="none" a triple the scorer refuses (its index named by an
+        `EncodeError`) is set aside and the others are scored again, and any other failure fails every triple."""
+        pending = list(range(len(plan.batch)))
+        values: list[float | None] = [None] * len(plan.batch)
+        columns = plan.columns()
+        while pending:
+            try:
+                scores = score(*[[col[j] for j in pending] for col in columns])
+            except Exception as err:
+                if not self._set_aside(plan, pending, err):
+                    break
+                continue
+            for j, value in zip(pending, scores, strict=True):
+                values[j] = value
+            break
+        return values
+
+    async def _ascore_plan(self, plan: _Plan, score: Any) -> list[float | None]:
+        pending = list(range(len(plan.batch)))
+        values: list[float | None] = [None] * len(plan.batch)
+        columns = plan.columns()
+        while pending:
+            try:
+                scores = await score(*[[col[j] for j in pending] for col in columns])
+            except Exception as err:
+                if not self._set_aside(plan, pending, err):
+                    break
+                continue
+            for j, value in zip(pending, scores, strict=True):
+                values[j] = value
+            break
+        return values
+
+    def _set_aside(self, plan: _Plan, pending: list[int], err: Exception) -> bool:
+        """Record a scoring failure; True when only one triple failed and the rest can be scored again."""
+        if self.policy.on_error == "raise":
+            raise err
+        if isinstance(err, EncodeError) and 0 <= err.index < len(pending):
+            plan.triple_failures[pending.pop(err.index)] = describe(err)
+            return True
+        for j in pending:
+            plan.triple_failures[j] = describe(err)
+        pending.clear()
+        return False
 
     def _plan(self, prompts: Sequence[Text], completions: Sequence[Text], references: Sequence[Any]) -> _Plan:
-        texts = [completion_text(c, i) for i, c in enumerate(completions)]
-        if self.strip_think:
-            texts = [strip_think(t) for t in texts]
-        plan = _Plan(prompts=prompts, references=references, num_rows=len(texts))
+        plan = _Plan(prompts=prompts, references=references, num_rows=len(completions))
+        texts: list[str | None] = []
+        for i, completion in enumerate(completions):
+            try:
+                text = completion_text(completion, i)
+            except ValueError as err:
+                if self.policy.on_error == "raise":
+                    raise
+                plan.failures[i] = str(err)
+                text = None
+            texts.append(strip_think(text) if self.strip_think and text is not None else text)
         for i, value in enumerate(references):
+            if texts[i] is None:
+                continue
             refs = [] if _is_missing(value) else _as_reference_list(value)
             if not refs:
                 if self.on_missing_reference == "error":
@@ -306,18 +414,23 @@ class PolarReward:
                 plan.base_index.append(seen[key])
         return plan
 
-    def _finish(self, plan: _Plan, values: list[float]) -> tuple[list[float | None], list[float | None]]:
-        if not plan.num_triples:
-            return [None] * plan.num_rows, [None] * plan.num_rows
-        scores = values[: plan.num_triples]
+    def _finish(self, plan: _Plan, values: list[float | None]) -> RewardOutcome:
+        # A row fails with any of its triples (or its baseline): a partial mean would be a different reward.
+        for t in range(plan.num_triples):
+            failed = [j for j in (t, plan.base_index[t] if self.baseline else t) if values[j] is None]
+            if failed and plan.owners[t] not in plan.failures:
+                reason = plan.triple_failures.get(failed[0], "the scorer returned no score")
+                plan.failures[plan.owners[t]] = reason
+        self.policy.settle(plan.failures, plan.num_rows, "completions", "completions")
+        keep = [t for t in range(plan.num_triples) if plan.owners[t] not in plan.failures]
+        owners = [plan.owners[t] for t in keep]
+        scores = [float(values[t]) for t in keep]
         combine = {"mean": statistics.fmean, "max": max, "min": min}[self.aggregate]
-        raw = self._per_row(plan.owners, scores, combine, plan.num_rows)
+        raw = self._per_row(owners, scores, combine, plan.num_rows)
         if self.baseline:
-            scores = [s - values[b] for s, b in zip(scores, plan.base_index, strict=True)]
-        rewards = self._normalise(
-            plan.prompts, plan.references, self._per_row(plan.owners, scores, combine, plan.num_rows)
-        )
-        return [None if r is None else self._squash(r) for r in rewards], raw
+            scores = [s - float(values[plan.base_index[t]]) for s, t in zip(scores, keep, strict=True)]
+        rewards = self._normalise(plan.prompts, plan.references, self._per_row(owners, scores, combine, plan.num_rows))
+        return RewardOutcome([None if r is None else self._squash(r) for r in rewards], raw, dict(plan.failures))
 
     @staticmethod
     def _per_row(owners: list[int], scores: list[float], combine: Any, n: int) -> list[float | None]:
@@ -337,11 +450,12 @@ class PolarReward:
         return {} if self.wrapper == "sft" else {"wrapper": self.wrapper}
 
     @staticmethod
-    def _check_values(values: Any, expected: int) -> list[float]:
+    def _check_values(values: Any, expected: int) -> list[float | None]:
         if values is None or len(values) != expected:
             got = "None" if values is None else f"{len(values)} values"
             raise RuntimeError(f"The scorer returned {got} for {expected} items; it must return one per item.")
-        return [float(v) for v in values]
+        # None: an item the scorer itself gave up on (a client with on_error="none"); the row then fails.
+        return [None if v is None else float(v) for v in values]
 
     def _normalise(self, prompts: Sequence[Text], references: Sequence[Any], rewards: list[float | None]):
         if self.normalize is None:
@@ -369,11 +483,14 @@ class PolarReward:
             reward = 1.0 / (1.0 + math.exp(-reward / self.sigmoid_scale))
         return reward
 
-    def _log(self, log_metric: Any, raw_rows: list[float | None], missing: float, seconds: float) -> None:
+    def _log(
+        self, log_metric: Any, raw_rows: list[float | None], missing: float, failed: float, seconds: float
+    ) -> None:
         # TRL gathers the union of metric names over ranks, so a rank without scores may skip the statistics.
         prefix = self.__name__
         raw = [r for r in raw_rows if r is not None]
         log_metric(f"{prefix}/missing_reference_frac", missing)
+        log_metric(f"{prefix}/failed_frac", failed)
         if raw:
             log_metric(f"{prefix}/raw_mean", statistics.fmean(raw))
             log_metric(f"{prefix}/raw_std", statistics.pstdev(raw))
@@ -387,6 +504,27 @@ class PolarReward:
             f"PolarReward({source!r}, reference_column={self.reference_column!r}, normalize={self.normalize!r}, "
             f"baseline={self.baseline}, clip={self.clip}, sigmoid_scale={self.sigmoid_scale})"
         )
+
+
+def _warn_if_no_accelerator(source: Any) -> None:
+    """Warn once per process when a model given by path would be scored on CPU: TRL's async GRPO runs reward
+    functions in rollout workers that often have no accelerator, where scoring is silently slow."""
+    global _warned_cpu
+    import torch
+
+    if _warned_cpu:
+        return
+    has_xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+    if torch.cuda.is_available() or torch.backends.mps.is_available() or has_xpu:
+        return
+    _warned_cpu = True
+    warnings.warn(
+        f"PolarReward({str(source)!r}) will score on CPU: this process has no accelerator (TRL's async GRPO runs "
+        "reward functions in such workers). Serve the model on a GPU machine with `trl-polar serve --model "
+        f"{source}` and pass PolarReward(url='http://HOST:8000'), or pass device='cpu' to silence this.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _check_options(aggregate: str, normalize: Any, on_missing: str, reference_column: Any, sigmoid_scale: Any) -> None:
@@ -432,6 +570,6 @@ class AsyncPolarReward(PolarReward):
     ) -> list[float | None]:
         started = time.perf_counter()
         references = self._check_call(prompts, completions, columns)
-        rewards, raw = await self.acompute(prompts, completions, references)
-        self._report(log_metric, rewards, raw, started)
-        return rewards
+        outcome = await self.aevaluate(prompts, completions, references)
+        self._report(log_metric, outcome, started)
+        return outcome.rewards
