@@ -69,6 +69,7 @@ def test_openrlhf_reward_func_call(polar_env, scorer):
     result = module.reward_func([query], [templated], ["4"])
     assert set(result) == {"rewards", "scores", "extra_logs"}
     assert isinstance(result["rewards"], torch.Tensor) and result["rewards"].shape == (1,)
+    assert result["extra_logs"]["polar_failed"].tolist() == [0.0]
     expected = scorer.score([templated], ["4"], ["The answer is 4."])
     assert result["rewards"].tolist() == pytest.approx(expected, abs=1e-6)
     assert torch.equal(result["scores"], result["rewards"])
@@ -78,15 +79,17 @@ def test_openrlhf_reward_func_call(polar_env, scorer):
     result = module.reward_func([query, query], [templated, templated], [label, "4"])
     expected = scorer.score(["What is 2 + 2?", templated], ["4", "4"], ["The answer is 4."] * 2)
     assert result["rewards"].tolist() == pytest.approx(expected, abs=1e-6)
-    with pytest.raises(ValueError, match=r"labels\[0\] is empty.*label_key"):
-        module.reward_func([query], [templated], [""])
+    # OpenRLHF turns an exception into "no reward" silently, so a bad sample is no reward, counted, by default.
+    result = module.reward_func([query], [templated], [""])
+    assert result["rewards"] is None and result["extra_logs"]["polar_failed"].tolist() == [1.0]
 
 
 def test_response_from_query():
     from trl_polar.integrations.openrlhf import response_from_query
 
     assert response_from_query("<s>Q: hi A: hello world</s>", "Q: hi A:") == "hello world"
-    assert response_from_query("Q:  hi A: x<|eot_id|>", "Q: hi A:") == "hi A: x"  # falls back to the common prefix
+    with pytest.raises(ValueError, match="does not hold its prompt"):  # no guessing from a common prefix
+        response_from_query("Q:  hi A: x<|eot_id|>", "Q: hi A:")
 
 
 def test_config_file_and_env(tmp_path, polar_env, monkeypatch):
@@ -125,6 +128,9 @@ def test_openrlhf_extraction_names_the_sample():
     with pytest.raises(OpenRLHFInputError, match=r"`labels\[1\]` must be a string") as info:
         extract_items(["q", "q"], ["q", "q"], ["ok", 3])
     assert info.value.field == "labels[1]"
+    with pytest.raises(OpenRLHFInputError, match=r"query\[0\].*does not hold its prompt") as info:
+        extract_items(["unrelated"], ["Q: x A:"], ["ref"])
+    assert info.value.field == "query[0]"
     with pytest.raises(OpenRLHFInputError, match="match one to one") as info:
         extract_items(["q"], [], [])
     assert info.value.field == "labels"

@@ -1,8 +1,10 @@
-"""Adapters that let PPO engines outside TRL use POLAR rewards: verl (`verl.compute_score_batch`) and OpenRLHF
-(`openrlhf.reward_func`).
+"""Adapters that let RL frameworks outside TRL use POLAR rewards: verl (`verl.compute_score`,
+`verl.compute_score_async`, `verl.compute_score_batch`), OpenRLHF (`openrlhf.reward_func`) and ms-swift
+(`swift`, an ORM plugin).
 
-Both engines load a reward *file* by path (verl's ``custom_reward_function.path``, OpenRLHF's ``--remote_rm_url``),
-so the adapter modules import only absolute ``trl_polar`` names and take their settings from the environment:
+The frameworks load a reward *file* by path (verl's ``custom_reward_function.path``, OpenRLHF's
+``--reward.remote_url``, ms-swift's ``--external_plugins``), so the adapter modules import only absolute
+``trl_polar`` names and take their settings from the environment:
 
 - ``TRL_POLAR_MODEL``: the saved POLAR reward model (required, unless the config file names it or a URL is set);
 - ``TRL_POLAR_URL``: score with reward servers instead, e.g. ``http://10.0.0.5:8000,http://10.0.0.6:8000``
@@ -12,7 +14,11 @@ so the adapter modules import only absolute ``trl_polar`` names and take their s
 - ``TRL_POLAR_DEVICE`` (default: cuda if available, else cpu), ``TRL_POLAR_DTYPE`` (default "auto": bf16 on GPU),
   ``TRL_POLAR_MAX_TOKENS`` (micro-batch token budget), ``TRL_POLAR_STRIP_THINK`` (default 1),
   ``TRL_POLAR_WRAPPER`` (default "sft"), ``TRL_POLAR_BASELINE`` (default 0), ``TRL_POLAR_CLIP`` (e.g. "10" or
-  "-10,5"), ``TRL_POLAR_SIGMOID_SCALE``.
+  "-10,5"), ``TRL_POLAR_SIGMOID_SCALE``;
+- the failure policy (`trl_polar.failures`): ``TRL_POLAR_ON_ERROR`` ("raise" or "none"; default "none" for
+  OpenRLHF, whose executor swallows exceptions, "raise" elsewhere) and ``TRL_POLAR_SCORE_TIMEOUT`` (seconds);
+- ``TRL_POLAR_PROMPT_KEY`` (default "prompt"): the ``extra_info`` key holding the prompt (verl);
+- ``TRL_POLAR_BATCH_WINDOW_MS`` (default 10): how long per-sample calls wait to be scored together.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ import json
 import os
 import threading
 from typing import Any
+
+from trl_polar.failures import FailurePolicy
+from trl_polar.rewards import STRIP_THINK_DEFAULT
 
 ENV_PREFIX = "TRL_POLAR_"
 _KEYS = {
@@ -36,8 +45,20 @@ _KEYS = {
     "baseline": bool,
     "clip": str,
     "sigmoid_scale": float,
+    "on_error": str,
+    "score_timeout": float,
+    "prompt_key": str,
+    "batch_window_ms": float,
 }
-_DEFAULTS = {"strip_think": True, "wrapper": "sft", "baseline": False, "dtype": "auto", "max_tokens": 16384}
+_DEFAULTS = {
+    "strip_think": STRIP_THINK_DEFAULT,
+    "wrapper": "sft",
+    "baseline": False,
+    "dtype": "auto",
+    "max_tokens": 16384,
+    "prompt_key": "prompt",
+    "batch_window_ms": 10.0,
+}
 _lock = threading.Lock()
 _rewards: dict[tuple, Any] = {}
 
@@ -82,6 +103,8 @@ def load_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
         name = ENV_PREFIX + key.upper()
         if name in environ:
             config[key] = _parse(key, environ[name], name)
+    if config.get("on_error") is not None or config.get("score_timeout") is not None:
+        FailurePolicy(config.get("on_error") or "raise", config.get("score_timeout"))  # names a bad value now
     if not config.get("model") and not config.get("url"):
         raise ValueError(
             "No POLAR reward model configured: set TRL_POLAR_MODEL=/path/to/polar-rm (a model saved by trl-polar or "
@@ -98,9 +121,21 @@ def _clip(text: str | None) -> Any:
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
-def get_reward(environ: dict[str, str] | None = None) -> Any:
-    """The process-wide `PolarReward` for the current settings, built once (engines call from threads)."""
-    config = load_config(environ)
+def policy(config: dict[str, Any], default_on_error: str = "raise") -> FailurePolicy:
+    """The failure policy of an adapter: the configured one, or the adapter's default ``on_error``."""
+    return FailurePolicy(config.get("on_error") or default_on_error, config.get("score_timeout"))
+
+
+def get_reward(
+    environ: dict[str, str] | None = None, *, on_error: str | None = None, config: dict | None = None
+) -> Any:
+    """The process-wide `PolarReward` for the current settings, built once (engines call from threads).
+
+    ``on_error`` overrides the configured policy (the per-sample adapters score with "none" and apply the policy to
+    each caller's own item)."""
+    config = dict(load_config(environ) if config is None else config)
+    if on_error is not None:
+        config["on_error"] = on_error
     key = tuple(sorted((k, str(v)) for k, v in config.items()))
     with _lock:
         if key not in _rewards:
@@ -137,6 +172,8 @@ def get_reward(environ: dict[str, str] | None = None) -> Any:
                 clip=_clip(config.get("clip")),
                 sigmoid_scale=config.get("sigmoid_scale"),
                 on_missing_reference="error",
+                on_error=config.get("on_error") or "raise",
+                score_timeout=config.get("score_timeout"),
             )
         return _rewards[key]
 

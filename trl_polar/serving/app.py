@@ -7,7 +7,7 @@ hands it to the service and answers from a wire model; the OpenAPI schema at ``/
                         texts in, ``data[i].data`` the score;
 - ``POST /classify``    SGLang's shape: ``{"text": [...]}`` in, ``[{"embedding": [score]}, ...]`` out;
 - ``POST /get_reward``  OpenRLHF's remote reward-model protocol: ``{"query", "prompts", "labels"}`` in,
-                        ``{"rewards", "scores", "extra_logs"}`` out; the label is the reference;
+                        ``{"rewards", "scores", "extra_logs", "errors"}`` out; the label is the reference;
 - ``GET /health``, ``GET /metrics`` (Prometheus text format).
 
 This module imports FastAPI, so it is imported only when a server is built (``pip install trl-polar[serve]``).
@@ -31,6 +31,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..integrations.openrlhf import answer as openrlhf_answer
 from .protocol import (
     REQUEST_MODELS,
     RESPONSE_MODELS,
@@ -243,11 +244,19 @@ async def _classify(service: PolarService, req: ClassifyRequest) -> tuple[BaseMo
 
 
 async def _get_reward(service: PolarService, req: GetRewardRequest) -> tuple[BaseModel, int, int]:
-    encoded = await service.run(service.encode_get_reward, req)
-    scores = await service.score(encoded.input_ids, encoded.group_keys)
-    # Raw POLAR scores: OpenRLHF normalises and clips on its side (--reward.normalize_enable, clip_range).
-    answer = GetRewardResponse(rewards=scores, scores=scores, extra_logs={"polar_raw": scores})
-    return answer, len(scores), encoded.truncated
+    samples, ok, encoded = await service.run(service.encode_get_reward, req)
+    scores = await service.score(encoded.input_ids, encoded.group_keys) if ok else []
+    failures = {i: reason for i, (_, reason) in samples.failures.items()}
+    if failures:
+        first = min(failures)
+        logger.warning(
+            "/get_reward: %d of %d rollouts got no reward; first: %s", len(failures), len(req.query), failures[first]
+        )
+    # Raw POLAR scores: OpenRLHF normalises and clips on its side (--reward.normalize_enable, clip_range). A failed
+    # rollout answers 200 with rewards None, a message in `errors` and a count in extra_logs: OpenRLHF drops the
+    # body of any other status.
+    body = openrlhf_answer(samples, dict(zip(ok, scores, strict=True)), failures)
+    return GetRewardResponse(**body), len(scores), encoded.truncated
 
 
 def _post(path: str, request_model: type[BaseModel], response_model: Any, work: Work, summary: str) -> None:

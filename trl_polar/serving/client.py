@@ -1,4 +1,5 @@
-"""PolarClient: score (prompt, reference, candidate) triples on remote servers, and never return None.
+"""PolarClient: score (prompt, reference, candidate) triples on remote servers; None only where asked for
+(``on_error="none"``).
 
 The backends ("trl-polar", this project's server, and the engines vLLM, SGLang and lmdeploy) are the adapters of
 `trl_polar.serving.backends`. For the engines the client builds each text with `PolarTemplate.format`, so it needs
@@ -26,6 +27,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ..failures import FailurePolicy, describe
 from ..template import WRAPPERS, PolarTemplate, Text
 from .backends import BACKENDS, parse_scores
 
@@ -137,6 +139,11 @@ class PolarClient:
         max_concurrency: requests in flight at once, across all calls of this client.
         chunk_size: items per request.
         cooldown: seconds a replica that failed is skipped while another one is up.
+        on_error: "raise" (default) raises `PolarClientError` once a request has failed every retry; "none" gives
+            the items of that request (and any item the backend cannot format) None, counted in
+            ``stats["failed_items"]`` and logged (`trl_polar.failures`).
+        score_timeout: seconds the items of one request may take, retries included (None: no limit beyond
+            ``timeout`` per attempt); past it, ``on_error`` applies.
 
     Example::
 
@@ -163,7 +170,10 @@ class PolarClient:
         max_concurrency: int = 8,
         chunk_size: int = 64,
         cooldown: float = 5.0,
+        on_error: str = "raise",
+        score_timeout: float | None = None,
     ) -> None:
+        self.policy = FailurePolicy(on_error, score_timeout)
         if backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {tuple(BACKENDS)}, got {backend!r}.")
         _check_settings(
@@ -211,7 +221,7 @@ class PolarClient:
         self._semaphore: asyncio.Semaphore | None = None
         self._pid = os.getpid()
         self._start_lock = threading.Lock()
-        self.stats = {"requests": 0, "retries": 0, "failovers": 0}
+        self.stats = {"requests": 0, "retries": 0, "failovers": 0, "failed_items": 0}
 
     def __getstate__(self) -> dict[str, Any]:
         # Travels as its settings (TRL may pickle reward functions into another process); the loop and the
@@ -292,9 +302,10 @@ class PolarClient:
         references: Sequence[Text],
         candidates: Sequence[Text],
         wrapper: str | Sequence[str] | None = None,
-    ) -> list[float]:
-        """One float per (prompt, reference, candidate), in order; raises `PolarClientError`, never returns None.
-        ``wrapper``: one for all items or one per item; default: the client's."""
+    ) -> list[float | None]:
+        """One float per (prompt, reference, candidate), in order; raises `PolarClientError` (with
+        ``on_error="none"``: None for the items that failed). ``wrapper``: one for all items or one per item;
+        default: the client's."""
         return self._submit(prompts, references, candidates, wrapper).result()
 
     async def ascore(
@@ -303,7 +314,7 @@ class PolarClient:
         references: Sequence[Text],
         candidates: Sequence[Text],
         wrapper: str | Sequence[str] | None = None,
-    ) -> list[float]:
+    ) -> list[float | None]:
         """`score` for async code: awaits without blocking the caller's event loop."""
         return await asyncio.wrap_future(self._submit(prompts, references, candidates, wrapper))
 
@@ -315,21 +326,42 @@ class PolarClient:
         )
 
     # ------------------------------------------------------------------------------------------------ internals
-    def _payloads(self, prompts, references, candidates, wrapper) -> list[tuple[dict, int]]:
+    def _payloads(self, prompts, references, candidates, wrapper, failures: dict[int, str]):
+        """The requests, each with the indices of its items; an item the backend cannot format is refused, or,
+        with on_error="none", recorded in ``failures`` and left out."""
         backend = BACKENDS[self.backend]
         # One wrapper for the call, or one per item (the Scorer protocol's `wrapper`).
         wrappers = [wrapper] * len(candidates) if isinstance(wrapper, str) else list(wrapper)
         if len(wrappers) != len(candidates):
             raise ValueError(f"`wrapper` has {len(wrappers)} entries for {len(candidates)} items; pass one per item.")
-        items = []
+        items, owners = [], []
         for i, triple in enumerate(zip(prompts, references, candidates, strict=True)):
             try:
                 items.append(backend.item(self.template, *triple, wrappers[i]))
+                owners.append(i)
             except ValueError as err:
-                raise ValueError(f"Item {i}: {err}") from err
+                if self.policy.on_error == "raise":
+                    raise ValueError(f"Item {i}: {err}") from err
+                failures[i] = str(err)
         default = wrappers[0] if wrappers else self.wrapper
-        chunks = [items[at : at + self.chunk_size] for at in range(0, len(items), self.chunk_size)]
-        return [(backend.request(chunk, self.model_name, default), len(chunk)) for chunk in chunks]
+        spans = range(0, len(items), self.chunk_size)
+        return [
+            (
+                backend.request(items[at : at + self.chunk_size], self.model_name, default),
+                owners[at : at + self.chunk_size],
+            )
+            for at in spans
+        ]
+
+    async def _chunk(self, body: dict, owners: list[int], failures: dict[int, str]) -> list[float | None]:
+        try:
+            return await self.policy.await_(self._send(body, len(owners)))
+        except Exception as err:
+            if self.policy.on_error == "raise":
+                raise
+            for i in owners:
+                failures[i] = describe(err)
+            return [None] * len(owners)
 
     async def _score(self, prompts, references, candidates, wrapper) -> list[float]:
         for name, value in (("prompts", prompts), ("references", references), ("candidates", candidates)):
@@ -343,9 +375,10 @@ class PolarClient:
         wrapper = wrapper or self.wrapper
         if not candidates:
             return []
-        payloads = self._payloads(prompts, references, candidates, wrapper)
+        failures: dict[int, str] = {}
+        payloads = self._payloads(prompts, references, candidates, wrapper, failures)
         self._client()
-        tasks = [asyncio.ensure_future(self._send(body, n)) for body, n in payloads]
+        tasks = [asyncio.ensure_future(self._chunk(body, owners, failures)) for body, owners in payloads]
         try:
             results = await asyncio.gather(*tasks)
         except BaseException:
@@ -353,9 +386,13 @@ class PolarClient:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
-        scores = [s for chunk in results for s in chunk]
-        if len(scores) != len(candidates):  # cannot happen: each chunk is checked; kept as the last guard
-            raise PolarClientError(f"Got {len(scores)} scores for {len(candidates)} items.", self.urls)
+        scores: list[float | None] = [None] * len(candidates)
+        for (_, owners), chunk in zip(payloads, results, strict=True):
+            for i, score in zip(owners, chunk, strict=True):
+                scores[i] = score
+        if failures:
+            self.stats["failed_items"] += len(failures)
+            self.policy.settle(failures, len(candidates), "items", "items")
         return scores
 
     def _pick(self, avoid: _Replica | None) -> _Replica:

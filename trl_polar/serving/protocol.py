@@ -271,10 +271,22 @@ class GetRewardRequest(BaseModel):
     )
 
 
+class GetRewardError(BaseModel):
+    index: int = Field(description="The rollout's position in the request.")
+    field: str = Field(description="The request field at fault, e.g. `labels[0]` or `query[0]`.")
+    message: str
+
+
 class GetRewardResponse(BaseModel):
-    rewards: list[Score] = Field(description="Raw POLAR scores (OpenRLHF normalises and clips on its side).")
-    scores: list[Score] = Field(description="The same values (OpenRLHF's dynamic filtering reads them).")
-    extra_logs: dict[str, list[Score]] = Field(default_factory=dict)
+    rewards: list[Score | None] | None = Field(
+        description="Raw POLAR scores (OpenRLHF normalises and clips on its side); null for a rollout that failed, "
+        "and absent when every rollout failed (OpenRLHF then records its own 'no reward')."
+    )
+    scores: list[Score | None] | None = Field(description="The same values (OpenRLHF's dynamic filtering reads them).")
+    extra_logs: dict[str, list[Score]] = Field(
+        default_factory=dict, description="`polar_failed`: 1 for a rollout without a reward, else 0."
+    )
+    errors: list[GetRewardError] = Field(default_factory=list, description="Why each failed rollout got no reward.")
 
 
 # ---------------------------------------------------------------------------------------------------- /health

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..integrations.openrlhf import OpenRLHFInputError, extract_items
+from ..integrations.openrlhf import Extracted, OpenRLHFInputError, read_samples
 from ..scorer import Encoded, EncodeError
 from ..template import PolarTemplate
 from .batcher import RETRY_AFTER_S, Batcher
@@ -189,13 +189,24 @@ class PolarService:
         columns = ([item.prompt for item in req.items], [item.reference for item in req.items])
         return self._encode(*columns, [item.candidate for item in req.items], wrappers, overrides, "items")
 
-    def encode_get_reward(self, req: GetRewardRequest) -> Encoded:
-        """The same for /get_reward: OpenRLHF's samples read by the OpenRLHF adapter's own extraction."""
+    def encode_get_reward(self, req: GetRewardRequest) -> tuple[Extracted, list[int], Encoded]:
+        """The same for /get_reward: OpenRLHF's samples read by the OpenRLHF adapter's own reading (so the reward
+        file and this route score alike). A sample that cannot be read or encoded is recorded in the samples'
+        ``failures``, not refused: OpenRLHF drops the body of any non-200 answer. Returns the samples, the indices
+        encoded, and their encoding."""
         try:
-            prompts, references, responses = extract_items(req.query, req.prompts, req.labels)
+            samples = read_samples(req.query, req.prompts, req.labels)
         except OpenRLHFInputError as err:
             raise RequestError(422, str(err), err.field) from None
-        return self._encode(prompts, references, responses, "sft", (), "query")
+        ok = samples.ok
+        while ok:
+            columns = ([samples.prompts[i] for i in ok], [samples.references[i] for i in ok])
+            try:
+                return samples, ok, self._encode(*columns, [samples.responses[i] for i in ok], "sft", (), "query")
+            except RequestError as err:  # names the item by its position among `ok`: set it aside, encode the rest
+                bad = ok.pop(int(err.field[len("query[") : -1]))
+                samples.failures[bad] = (f"query[{bad}]", f"query[{bad}]: {err.message.split(': ', 1)[-1]}")
+        return samples, ok, Encoded([], [], 0)
 
     def _encode(self, prompts, references, candidates, wrappers, overrides: tuple, name: str) -> Encoded:
         try:
