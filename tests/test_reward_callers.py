@@ -409,3 +409,31 @@ def test_client_failure_policy(scorer):
     with pytest.raises(ValueError, match="on_error"):
         PolarClient(url=nowhere, on_error="ignore")
     json.dumps(client.stats)
+
+
+def test_score_timeout_on_a_slow_server():
+    """A server slower than score_timeout: the items fail by the policy, on the sync and the async paths."""
+    from fastapi import FastAPI
+    from serving_helpers import ThreadServer
+
+    from trl_polar.failures import ScoreTimeout
+    from trl_polar.rewards import AsyncPolarReward
+    from trl_polar.serving.client import PolarClient
+
+    app = FastAPI()
+
+    @app.post("/score")
+    async def score(body: dict):
+        await asyncio.sleep(1.5)
+        return {"scores": [0.0] * len(body["items"])}
+
+    with ThreadServer(app) as server:
+        client = PolarClient(url=server.url, max_retries=0, score_timeout=0.3, on_error="none")
+        assert client.score(["p"], ["r"], ["a"]) == [None] and client.stats["failed_items"] == 1
+        with pytest.raises(ScoreTimeout, match="score_timeout=0.3"):
+            PolarClient(url=server.url, max_retries=0, score_timeout=0.3).score(["p"], ["r"], ["a"])
+        metrics = {}
+        reward = AsyncPolarReward(url=server.url, on_error="none", score_timeout=0.3)
+        out = asyncio.run(reward(prompts=["p"], completions=["a"], reference=["r"], log_metric=metrics.__setitem__))
+        assert out == [None] and metrics["polar_reward/failed_frac"] == 1.0
+        client.close()

@@ -24,6 +24,7 @@ The frameworks load a reward *file* by path (verl's ``custom_reward_function.pat
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 from trl_polar.failures import FailurePolicy
 from trl_polar.rewards import STRIP_THINK_DEFAULT
 
+logger = logging.getLogger(__name__)
 ENV_PREFIX = "TRL_POLAR_"
 _KEYS = {
     "model": str,
@@ -161,6 +163,14 @@ def get_reward(
                 # Engines place their workers with Ray or torchrun, not accelerate: pick the device here, never from
                 # accelerate's state, which would try to join the engine's process group.
                 device = config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+                if not config.get("device") and device == "cpu":
+                    # verl's reward-loop workers and TRL's async rollout workers hold no GPU: say so, once per model.
+                    logger.warning(
+                        "Scoring POLAR rewards on CPU: this process sees no GPU (verl's reward loop and TRL's async "
+                        "rollout workers get none). Serve the model with `trl-polar serve --model %s` on a GPU and "
+                        "set TRL_POLAR_URL=http://HOST:8000, or set TRL_POLAR_DEVICE=cpu to keep this.",
+                        config["model"],
+                    )
                 scorer = PolarScorer(
                     config["model"], max_tokens_per_batch=config["max_tokens"], device=device, dtype=config["dtype"]
                 )
