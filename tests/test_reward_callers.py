@@ -144,7 +144,7 @@ def samples_text(samples):
     return [s["solution_str"] for s in samples]
 
 
-def test_verl_failures_follow_the_policy(polar_env, monkeypatch):
+def test_verl_failures_follow_the_policy(polar_env, scorer, monkeypatch):
     from trl_polar.integrations import verl
 
     sample = {
@@ -163,6 +163,13 @@ def test_verl_failures_follow_the_policy(polar_env, monkeypatch):
     assert verl.compute_score(**sample) == {"score": 0.0, "polar_failed": 1.0}
     assert asyncio.run(verl.compute_score_async(**sample)) == {"score": 0.0, "polar_failed": 1.0}
     assert verl._failed[0] == before + 2
+    # One bad sample among concurrent ones (a reference list with nothing in it) spares the others of its batch.
+    good = {**sample, "ground_truth": REFERENCE}
+    batch = [good, {**sample, "ground_truth": []}, {**good, "solution_str": "Lyon."}]
+    results = asyncio.run(_naive_reward_loop(verl.compute_score_async, batch, {}))
+    expected = scorer.score([PROMPT] * 2, [REFERENCE] * 2, ["Paris.", "Lyon."])
+    assert [results[0]["score"], results[2]["score"]] == pytest.approx(expected, abs=1e-5)
+    assert [r["polar_failed"] for r in results] == [0.0, 1.0, 0.0] and results[1]["score"] == 0.0
     monkeypatch.setenv("TRL_POLAR_ON_ERROR", "skip")
     with pytest.raises(ValueError, match="on_error"):
         verl.compute_score(**sample)

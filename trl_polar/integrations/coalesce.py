@@ -78,15 +78,23 @@ class Coalescer:
             batch = [item for item in self._take() if item.future.set_running_or_notify_cancel()]
             if not batch:
                 continue
-            self.batches[len(batch)] += 1
-            try:
-                outcome = self.reward.evaluate(
-                    [i.prompt for i in batch], [i.completion for i in batch], [i.reference for i in batch]
-                )
-            except Exception as err:  # a bug must fail these samples, not kill the thread and hang all later ones
-                logger.exception("Scoring a batch of %d samples failed.", len(batch))
+            self._score(batch)
+
+    def _score(self, batch: list[_Item]) -> None:
+        self.batches[len(batch)] += 1
+        try:
+            outcome = self.reward.evaluate(
+                [i.prompt for i in batch], [i.completion for i in batch], [i.reference for i in batch]
+            )
+        except Exception as err:  # must fail these samples, not kill the thread and hang all later ones
+            if len(batch) > 1:
+                # One sample can break a shared call (a reference the reward refuses): score each alone, so that
+                # only the culprit gets the error.
+                logger.warning("A batch of %d samples failed (%s); scoring them one by one.", len(batch), err)
                 for item in batch:
-                    item.future.set_exception(err)
-                continue
-            for k, item in enumerate(batch):
-                item.future.set_result(Scored(outcome.rewards[k], outcome.raw[k], outcome.failures.get(k)))
+                    self._score([item])
+                return
+            batch[0].future.set_exception(err)
+            return
+        for k, item in enumerate(batch):
+            item.future.set_result(Scored(outcome.rewards[k], outcome.raw[k], outcome.failures.get(k)))

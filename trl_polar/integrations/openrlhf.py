@@ -1,5 +1,5 @@
 """POLAR rewards for OpenRLHF: the reward file (`reward_func`) and the one reading of OpenRLHF's samples
-(`extract_items`) that the file and the server's ``/get_reward`` share, so both give the same reward.
+(`read_samples`) that the file and the server's ``/get_reward`` share, so both give the same reward.
 
 OpenRLHF PPO (0.11)::
 
