@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, HfArgumentParser
 
 from trl_polar.cli.train import finish_run
 from trl_polar.data.loading import load_preference_dataset
-from trl_polar.rewards import PolarReward
+from trl_polar.rewards import STRIP_THINK_DEFAULT, PolarReward
 
 
 @dataclass
@@ -34,7 +34,9 @@ class PolarRLArguments:
     reward_baseline: bool = field(default=False, metadata={"help": "Subtract r(prompt, ref, ref): a copy scores 0."})
     reward_clip: float | None = field(default=None, metadata={"help": "Clip rewards to [-c, c]."})
     reward_sigmoid_scale: float | None = field(default=None, metadata={"help": "sigmoid(reward / scale)."})
-    strip_think: bool = field(default=False, metadata={"help": "Drop <think>...</think> before scoring."})
+    strip_think: bool = field(
+        default=STRIP_THINK_DEFAULT, metadata={"help": "Drop <think>...</think> before scoring (upstream's recipe)."}
+    )
     reward_max_tokens: int = field(default=16384, metadata={"help": "Token budget of one reward micro-batch."})
     reward_dtype: str = field(default="auto", metadata={"help": "'auto' (bf16 on GPU), 'bf16' or 'fp32'."})
 

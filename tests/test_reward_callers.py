@@ -298,6 +298,8 @@ def test_response_after_a_front_cut_prompt():
     # A start token before the kept tail, and the response repeating the prompt's last words: the latest end wins.
     query = "<s>" + tail + "assistant\n is what I am.<|im_end|>"
     assert response_from_query(query, prompt) == "assistant\n is what I am."
+    # A cut inside a multi-byte character decodes to a replacement character before the kept tail.
+    assert response_from_query("\ufffd" + prompt[31:] + "Oui.</s>", prompt) == "Oui."
     with pytest.raises(ValueError, match="does not hold its prompt"):
         response_from_query("no overlap at all with it", prompt)
 
