@@ -380,6 +380,15 @@ def test_trl_reward_failure_policy(scorer):
     assert metrics["polar_reward/missing_reference_frac"] == 0.5
     out = reward(prompts=["p"], completions=[{"bad": 1}], reference=["r"], log_metric=metrics.__setitem__)
     assert out == [None] and metrics["polar_reward/failed_frac"] == 1.0
+    # A row the scorer itself refuses (a reference it cannot read) fails alone; the others are scored.
+    out = PolarReward(scorer, on_error="none")(
+        prompts=["What is 2 + 2?"] * 2,
+        completions=["4", "4"],
+        reference=["4", {"oops": 1}],
+        log_metric=metrics.__setitem__,
+    )
+    assert out[0] == pytest.approx(scorer.score(["What is 2 + 2?"], ["4"], ["4"])[0], abs=1e-5) and out[1] is None
+    assert metrics["polar_reward/failed_frac"] == 0.5
     strict = PolarReward(_Flaky(scorer), score_timeout=0.5)
     with pytest.raises(TimeoutError, match="score_timeout=0.5"):
         strict(prompts=["p"], completions=["slow"], reference=["r"])

@@ -54,6 +54,12 @@ class FailurePolicy:
     Args:
         on_error: "raise" (default) raises `ItemFailure`; "none" gives the item None and counts it.
         score_timeout: seconds an item may wait for its score, retries included (None: no limit).
+
+    Example::
+
+        PolarReward("path/to/polar-rm", on_error="none", score_timeout=60)  # TRL: None + polar_reward/failed_frac
+        PolarClient(url="http://rm-host:8000", on_error="none")  # None per failed item, stats["failed_items"]
+        # verl, OpenRLHF, ms-swift: TRL_POLAR_ON_ERROR=none TRL_POLAR_SCORE_TIMEOUT=60
     """
 
     on_error: str = "raise"

@@ -121,6 +121,37 @@ class _Plan:
         return [t[0] for t in self.batch], [t[1] for t in self.batch], [t[2] for t in self.batch]
 
 
+class _Attempts:
+    """Scoring a plan's triples under the failure policy: with on_error="none" a triple the scorer refuses (its
+    index named by an `EncodeError`) is set aside and the others are scored again; any other failure fails every
+    triple still pending. With "raise" the error propagates."""
+
+    def __init__(self, plan: _Plan, on_error: str) -> None:
+        self.plan = plan
+        self.on_error = on_error
+        self.pending = list(range(len(plan.batch)))
+        self.values: list[float | None] = [None] * len(plan.batch)
+        self._columns = plan.columns()
+
+    def columns(self) -> list[list[Any]]:
+        return [[column[j] for j in self.pending] for column in self._columns]
+
+    def done(self, scores: Sequence[float | None]) -> None:
+        for j, value in zip(self.pending, scores, strict=True):
+            self.values[j] = value
+        self.pending = []
+
+    def failed(self, err: Exception) -> None:
+        if self.on_error == "raise":
+            raise err
+        if isinstance(err, EncodeError) and 0 <= err.index < len(self.pending):
+            self.plan.triple_failures[self.pending.pop(err.index)] = describe(err)
+            return
+        for j in self.pending:
+            self.plan.triple_failures[j] = describe(err)
+        self.pending = []
+
+
 class PolarReward:
     """POLAR reward for TRL's GRPO/RLOO: ``r(prompt, reference, completion)``, reference from a dataset column.
 
@@ -329,50 +360,23 @@ class PolarReward:
         return outcome.rewards, outcome.raw
 
     def _score_plan(self, plan: _Plan, score: Any) -> list[float | None]:
-        """Scores of the plan's triples; with on_error="none" a triple the scorer refuses (its index named by an
-        `EncodeError`) is set aside and the others are scored again, and any other failure fails every triple."""
-        pending = list(range(len(plan.batch)))
-        values: list[float | None] = [None] * len(plan.batch)
-        columns = plan.columns()
-        while pending:
+        """Scores of the plan's triples (see `_Attempts`)."""
+        attempts = _Attempts(plan, self.policy.on_error)
+        while attempts.pending:
             try:
-                scores = score(*[[col[j] for j in pending] for col in columns])
+                attempts.done(score(*attempts.columns()))
             except Exception as err:
-                if not self._set_aside(plan, pending, err):
-                    break
-                continue
-            for j, value in zip(pending, scores, strict=True):
-                values[j] = value
-            break
-        return values
+                attempts.failed(err)
+        return attempts.values
 
     async def _ascore_plan(self, plan: _Plan, score: Any) -> list[float | None]:
-        pending = list(range(len(plan.batch)))
-        values: list[float | None] = [None] * len(plan.batch)
-        columns = plan.columns()
-        while pending:
+        attempts = _Attempts(plan, self.policy.on_error)
+        while attempts.pending:
             try:
-                scores = await score(*[[col[j] for j in pending] for col in columns])
+                attempts.done(await score(*attempts.columns()))
             except Exception as err:
-                if not self._set_aside(plan, pending, err):
-                    break
-                continue
-            for j, value in zip(pending, scores, strict=True):
-                values[j] = value
-            break
-        return values
-
-    def _set_aside(self, plan: _Plan, pending: list[int], err: Exception) -> bool:
-        """Record a scoring failure; True when only one triple failed and the rest can be scored again."""
-        if self.policy.on_error == "raise":
-            raise err
-        if isinstance(err, EncodeError) and 0 <= err.index < len(pending):
-            plan.triple_failures[pending.pop(err.index)] = describe(err)
-            return True
-        for j in pending:
-            plan.triple_failures[j] = describe(err)
-        pending.clear()
-        return False
+                attempts.failed(err)
+        return attempts.values
 
     def _plan(self, prompts: Sequence[Text], completions: Sequence[Text], references: Sequence[Any]) -> _Plan:
         plan = _Plan(prompts=prompts, references=references, num_rows=len(completions))
