@@ -201,6 +201,31 @@ def test_verl_scores_on_the_reward_router(polar_env, scorer, server, monkeypatch
     assert 'endpoint="/pooling"' in requests
 
 
+def test_verl_reward_loop_on_trl_polar_serve(polar_env, scorer, server, monkeypatch):
+    """With TRL_POLAR_URL the concurrent samples go to the server, in fewer requests than samples."""
+    from trl_polar.integrations import verl
+
+    monkeypatch.setenv("TRL_POLAR_URL", server.url)
+    samples = [
+        {"data_source": "chat", "solution_str": r, "ground_truth": REFERENCE, "extra_info": _verl_extra_info(PROMPT)}
+        for r in RESPONSES
+    ]
+
+    def score_requests():
+        text = httpx.get(server.url + "/metrics").text
+        return sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith('polar_requests_total{endpoint="/score"')
+        )
+
+    before = score_requests()
+    results = asyncio.run(_naive_reward_loop(verl.compute_score_async, samples, {}))
+    expected = scorer.score([PROMPT] * 4, [REFERENCE] * 4, _answers(RESPONSES))
+    assert [r["score"] for r in results] == pytest.approx(expected, abs=1e-4)
+    assert 1 <= score_requests() - before < len(samples)
+
+
 # -------------------------------------------------------------------------------------------------------- OpenRLHF
 def _openrlhf_rollout(tokenizer, prompt, response, max_prompt_tokens=None):
     """What OpenRLHF 0.11's executor builds: the prompt's ids (its last ones when too long) + the response's ids and
