@@ -312,6 +312,9 @@ def test_openrlhf_file_raises_when_asked(polar_env, monkeypatch):
     with pytest.raises(ItemFailure, match=r"query\[0\].*does not hold") as info:
         openrlhf.reward_func(["unrelated text"], ["Question: 2 + 2? Answer:"], ["4"])
     assert info.value.field == "query[0]"
+    with pytest.raises(ItemFailure, match=r"labels\[0\] is empty") as info:
+        openrlhf.reward_func(["Question: 2 + 2? Answer: 4"], ["Question: 2 + 2? Answer:"], [""])
+    assert info.value.field == "labels[0]"
 
 
 def test_response_after_a_front_cut_prompt():

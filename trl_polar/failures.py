@@ -80,12 +80,20 @@ class FailurePolicy:
                 f"`score_timeout` must be a positive number of seconds or None, got {self.score_timeout!r}."
             )
 
-    def settle(self, failures: Mapping[int, str], total: int, what: str, field: str = "items") -> None:
-        """Apply the policy to a call's failures (``{index: reason}`` of ``total`` items): raise, or warn once."""
+    def settle(
+        self,
+        failures: Mapping[int, str],
+        total: int,
+        what: str,
+        field: str = "items",
+        fields: Mapping[int, str] | None = None,
+    ) -> None:
+        """Apply the policy to a call's failures (``{index: reason}`` of ``total`` items): raise, or warn once. The
+        first failed item is named ``field[index]``, or by ``fields[index]`` where given."""
         if not failures:
             return
         first = min(failures)
-        where = f"{field}[{first}]"
+        where = (fields or {}).get(first, f"{field}[{first}]")
         summary = f"{len(failures)} of {total} {what} got no reward; first, {where}: {failures[first]}"
         if self.on_error == "raise":
             raise ItemFailure(

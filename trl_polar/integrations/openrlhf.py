@@ -279,7 +279,7 @@ def reward_func(queries: Sequence[str], prompts: Sequence[str], labels: Sequence
     if failures and rule.on_error == "raise":
         # OpenRLHF logs the exception at INFO level only: say it where users look.
         logger.warning("POLAR reward failed for %d rollout(s): %s", len(failures), failures[min(failures)])
-    rule.settle(failures, len(queries), "rollouts", "query")
+    rule.settle(failures, len(queries), "rollouts", "query", {i: f for i, (f, _) in samples.failures.items()})
     result = answer(samples, scored, failures)
     del result["errors"]  # the messages are in the warning just logged
     if result["rewards"] is not None and not failures:
