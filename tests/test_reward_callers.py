@@ -112,10 +112,22 @@ async def _naive_reward_loop(fn, samples, reward_kwargs):
     return await asyncio.gather(*[one(s) for s in samples])
 
 
+def _load_like_verl(path):
+    """verl's load_module for a file path: a module named after the path's hash, not put in sys.modules (verl >= 0.7
+    also takes ``pkg://trl_polar.integrations.verl``, a plain import)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"custom_module_{hash(os.path.abspath(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("name", ["compute_score", "compute_score_async"])
 def test_verl_reward_loop_scores_each_sample_and_batches_them(polar_env, scorer, name):
-    from trl_polar.integrations import verl
+    from trl_polar.integrations import verl as by_package
 
+    verl = _load_like_verl(by_package.__file__)
     fn = getattr(verl, name)
     assert inspect.iscoroutinefunction(_verl_wrap(fn, {})) is (name == "compute_score_async")
     prompts = [[{"role": "user", "content": PROMPT}], "Say hello in French."]

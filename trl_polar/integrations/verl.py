@@ -3,22 +3,25 @@
 
 verl >= 0.7 (reward loop, the default ``reward_model.use_reward_loop=True``, manager ``naive``)::
 
-    custom_reward_function.path=$(python -c "import trl_polar.integrations.verl as m; print(m.__file__)") \
+    custom_reward_function.path=pkg://trl_polar.integrations.verl \
     custom_reward_function.name=compute_score_async      # or compute_score
 
 verl 0.5-0.6 (or ``use_reward_loop=False``)::
 
-    reward_model.reward_manager=batch custom_reward_function.name=compute_score_batch
+    reward_model.reward_manager=batch \
+    custom_reward_function.path=$(python -c "import trl_polar.integrations.verl as m; print(m.__file__)") \
+    custom_reward_function.name=compute_score_batch
 
-with ``TRL_POLAR_MODEL=/path/to/polar-rm`` (or ``TRL_POLAR_URL``) in the workers' environment. verl loads this
-file by path, so it uses absolute imports only. Each parquet row carries the prompt in ``extra_info["prompt"]`` (a
-string or a message list; another key with ``custom_reward_function.reward_kwargs.prompt_key=...``) and the
-reference in ``reward_model.ground_truth``, as upstream POLAR's data builders write them.
+with ``TRL_POLAR_URL`` (a ``trl-polar serve``; verl's reward-loop workers hold no GPU) or
+``TRL_POLAR_MODEL=/path/to/polar-rm`` in the workers' environment. verl may load this file by path, so it uses
+absolute imports only. Each parquet row carries the prompt in ``extra_info["prompt"]`` (a string or a message
+list; another key with ``custom_reward_function.reward_kwargs.prompt_key=...``) and the reference in
+``reward_model.ground_truth``, as upstream POLAR's data builders write them.
 
 verl's reward loop calls the per-sample function once per response, from many threads (a plain function runs in
 its event loop's executor) or coroutines (an ``async def`` is awaited): the calls that arrive within
 ``TRL_POLAR_BATCH_WINDOW_MS`` are scored together, so responses to one prompt still share its prefix. With
-``TRL_POLAR_URL`` each call goes to ``trl-polar serve``, which batches across requests.
+``TRL_POLAR_URL`` each such batch is one request to ``trl-polar serve``, which batches across requests too.
 
 Failures (`trl_polar.failures`): with ``TRL_POLAR_ON_ERROR=raise`` (default) the step stops with the cause.
 verl's rewards tensor has no "missing" value, so with ``none`` a failed sample scores 0.0 *and* carries
