@@ -21,7 +21,7 @@ import concurrent.futures
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -62,8 +62,12 @@ class FailurePolicy:
         # verl, OpenRLHF, ms-swift: TRL_POLAR_ON_ERROR=none TRL_POLAR_SCORE_TIMEOUT=60
     """
 
-    on_error: str = "raise"
-    score_timeout: float | None = None
+    on_error: str = field(
+        default="raise", metadata={"help": "'raise' stops on an item that cannot be scored; 'none' gives it None."}
+    )
+    score_timeout: float | None = field(
+        default=None, metadata={"help": "Seconds an item may wait for its score, retries included (None: no limit)."}
+    )
 
     def __post_init__(self) -> None:
         if self.on_error not in ON_ERROR:
