@@ -3,9 +3,12 @@ hands it to the service and answers from a wire model; the OpenAPI schema at ``/
 ``/docs``) is generated from the same models.
 
 - ``POST /score``       this project's schema: triples in, ``{"scores", "truncated", "id"}`` out;
-- ``POST /pooling``     what the official POLAR client sends to lmdeploy (and vLLM's pooling request): formatted
-                        texts in, ``data[i].data`` the score;
-- ``POST /classify``    SGLang's shape: ``{"text": [...]}`` in, ``[{"embedding": [score]}, ...]`` out;
+- ``POST /pooling``     lmdeploy's and vLLM's pooling API (what the official POLAR client sends to both): formatted
+                        texts in; ``data[i].data`` is the score (lmdeploy) or ``[[score]]`` (vLLM), chosen by
+                        ``pooling_shape`` or by a vLLM-only field in the request;
+- ``POST /classify``    SGLang's shape: ``{"text": [...]}`` in, ``[{"embedding": [score], "meta_info": {...}}, ...]``
+                        out;
+- ``POST /tokenize``    vLLM's: how a text is tokenized (``{"prompt"}`` in, ``{"tokens", "count", ...}`` out);
 - ``POST /get_reward``  OpenRLHF's remote reward-model protocol: ``{"query", "prompts", "labels"}`` in,
                         ``{"rewards", "scores", "extra_logs"}`` out; the label is the reference;
 - ``GET /health``, ``GET /metrics`` (Prometheus text format).
@@ -41,16 +44,18 @@ from .protocol import (
     GetRewardRequest,
     GetRewardResponse,
     HealthResponse,
-    PoolingData,
     PoolingRequest,
     PoolingResponse,
-    PoolingUsage,
     RequestError,
     ScoreRequest,
     ScoreResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    classify_answer,
     dumps,
     error_body,
     parse_json,
+    pooling_answer,
     validate,
 )
 from .server import (
@@ -58,6 +63,7 @@ from .server import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_QUEUE,
+    DEFAULT_POOLING_SHAPE,
     check_api_key,
 )
 from .service import PolarService
@@ -78,6 +84,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     )
 }
 router = APIRouter()
+# The routes that answer in another engine's shape.
+ENGINE_ENDPOINTS = ("/pooling", "/classify", "/tokenize")
 
 
 def create_app(
@@ -89,6 +97,7 @@ def create_app(
     batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     model_name: str | None = None,
+    pooling_shape: str = DEFAULT_POOLING_SHAPE,
 ) -> FastAPI:
     """The FastAPI app serving one scorer.
 
@@ -105,6 +114,9 @@ def create_app(
         body_timeout_s: how long a request may take to send its body after its headers; beyond it 408. A request
             counts against ``max_queue`` only once its body is in, so slow senders cannot lock others out.
         model_name: the name /pooling answers with (default: the model directory's name).
+        pooling_shape: how /pooling answers a request that could be lmdeploy's or vLLM's (the official POLAR client
+            sends the same request to both): ``"lmdeploy"`` (``data[i].data`` is the score) or ``"vllm"``
+            (``data[i].data`` is ``[[score]]``). A request with a vLLM-only field is answered in vLLM's shape.
     """
     check_api_key(api_key)
     if model_name is None:
@@ -118,6 +130,7 @@ def create_app(
         batch_window_ms=batch_window_ms,
         body_timeout_s=body_timeout_s,
         model_name=model_name,
+        pooling_shape=pooling_shape,
     )
     app = FastAPI(title="trl-polar reward server", version=__version__, lifespan=_lifespan)
     app.state.polar = service
@@ -201,7 +214,8 @@ async def _answer(request: Request, endpoint: str, model: type[BaseModel], work:
         body = validate(model, parse_json(raw), endpoint, service.limits)
         answer, items, truncated = await work(service, body)
         status = 200
-        return Response(dumps(answer), media_type="application/json")
+        # Engine shapes are written field for field as the engines write them (nulls included).
+        return Response(dumps(answer, as_set=endpoint in ENGINE_ENDPOINTS), media_type="application/json")
     except RequestError as err:
         status = err.status
         return _error_response(err)
@@ -220,26 +234,36 @@ async def _score(service: PolarService, req: ScoreRequest) -> tuple[BaseModel, i
     return ScoreResponse(scores=scores, truncated=encoded.truncated, id=req.id), len(scores), encoded.truncated
 
 
-async def _texts(service: PolarService, texts: list[Any], name: str) -> tuple[list[float], int]:
-    ids, keys = await service.run(service.encode_texts, texts, name)
-    return await service.score(ids, keys), sum(len(x) for x in ids)
+async def _texts(service: PolarService, texts: list[Any], name: str, single: bool = False):
+    ids, keys = await service.run(service.encode_texts, texts, name, single)
+    return await service.score(ids, keys), [len(x) for x in ids]
 
 
 async def _pooling(service: PolarService, req: PoolingRequest) -> tuple[BaseModel, int, int]:
     scores, tokens = await _texts(service, req.input, "input")
-    answer = PoolingResponse(
-        id=f"pool-{time.time_ns():x}",
-        created=int(time.time()),
-        model=req.model or service.model_name,
-        data=[PoolingData(index=i, data=s) for i, s in enumerate(scores)],
-        usage=PoolingUsage(prompt_tokens=tokens, total_tokens=tokens),
-    )
-    return answer, len(scores), 0
+    # The two engines' requests are alike (the official client sends {"input": [...]} to both): a vLLM-only field
+    # marks a vLLM client; otherwise the server's --pooling-shape decides.
+    shape = "vllm" if req.vllm_fields() else service.pooling_shape
+    # vLLM answers with its served model's name; lmdeploy echoes the request's.
+    model = service.model_name if shape == "vllm" else req.model or service.model_name
+    return pooling_answer(shape, scores, tokens, model), len(scores), 0
 
 
 async def _classify(service: PolarService, req: ClassifyRequest) -> tuple[BaseModel, int, int]:
-    scores, _ = await _texts(service, req.text, "text")
-    return ClassifyResponse([ClassifyResult(index=i, embedding=[s]) for i, s in enumerate(scores)]), len(scores), 0
+    started = time.time()
+    inputs, name, single = req.inputs()
+    scores, tokens = await _texts(service, inputs, name, single)
+    results = classify_answer(scores, tokens, started)
+    # SGLang answers one input sent on its own with a bare object, a list with a list.
+    return (results[0] if single else ClassifyResponse(results)), len(scores), 0
+
+
+async def _tokenize(service: PolarService, req: TokenizeRequest) -> tuple[BaseModel, int, int]:
+    tokenizer = service.template.tokenizer
+    ids = tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
+    strs = tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+    answer = TokenizeResponse(count=len(ids), max_model_len=service.template.max_length, tokens=ids, token_strs=strs)
+    return answer, 0, 0
 
 
 async def _get_reward(service: PolarService, req: GetRewardRequest) -> tuple[BaseModel, int, int]:
@@ -268,7 +292,10 @@ def _post(path: str, request_model: type[BaseModel], response_model: Any, work: 
 
 _post("/score", ScoreRequest, ScoreResponse, _score, "Score (prompt, reference, candidate) triples")
 _post("/pooling", PoolingRequest, PoolingResponse, _pooling, "Score formatted texts (lmdeploy / vLLM shape)")
-_post("/classify", ClassifyRequest, ClassifyResponse, _classify, "Score formatted texts (SGLang shape)")
+_post(
+    "/classify", ClassifyRequest, ClassifyResponse | ClassifyResult, _classify, "Score formatted texts (SGLang shape)"
+)
+_post("/tokenize", TokenizeRequest, TokenizeResponse, _tokenize, "Tokenize a text as /pooling does (vLLM shape)")
 _post("/get_reward", GetRewardRequest, GetRewardResponse, _get_reward, "OpenRLHF's remote reward model")
 
 

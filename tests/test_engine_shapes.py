@@ -1,0 +1,212 @@
+"""`trl-polar serve` as a drop-in for the engines: the official POLAR client in each of its three modes, and each
+engine's own request and response shapes, against real servers on 127.0.0.1.
+
+The official client is ``RewardModelClient`` in InternLM/POLAR (``src/polar/reward_func.py``, read at commit
+80626f39, 2025-09-23; default ``server_type="sglang"``). What it sends and how it reads the answer, as facts:
+
+- every mode posts the texts ``_encode`` builds (`PolarTemplate.format` reproduces them byte for byte) with
+  ``requests.post(url, json=..., proxies={"http": None, "https": None}, timeout=30)``;
+- ``sglang``:   ``POST /classify {"model": <last part of the model path>, "text": [...]}``, reads
+  ``[e["embedding"][0] for e in res.json()]``;
+- ``vllm``:     ``POST /pooling {"input": [...]}``, reads ``[e["data"][-1][0] for e in res.json()["data"]]``;
+- ``lmdeploy``: ``POST /pooling {"input": [...]}``, reads ``[e["data"] for e in res.json()["data"]]``;
+- any exception while reading is printed and retried, and after 8 tries the client returns None.
+
+The engines' own answers, read from their servers' source:
+
+- vLLM 020638a6 (``vllm/entrypoints/pooling/pooling/``): ``{"id": "pooling-<id>", "object": "list", "created",
+  "model": <served name>, "data": [{"index", "object": "pooling", "data": [[v1], ..., [vn]]}], "usage":
+  {"prompt_tokens", "total_tokens", "completion_tokens": 0, "prompt_tokens_details": null}}``; InternLM2's reward
+  model pools every token (``pooler_for_token_classify``), one value each, the score the last;
+- lmdeploy 1263d5cd (``lmdeploy/serve/openai/endpoints/auxiliary.py``): ``{"id": "pool-<id>", "object": "list",
+  "created", "model": <request's or served name>, "data": [{"index", "object": "pooling", "data": <score>}],
+  "usage": {"prompt_tokens", "total_tokens", "completion_tokens": 0, "prompt_tokens_details": {"cached_tokens": 0},
+  "completion_tokens_details": null}}``;
+- SGLang (``http_server.py`` ``/classify`` -> the tokenizer manager's embedding output): one
+  ``{"embedding": [v], "meta_info": {"id", "finish_reason", "prompt_tokens", ...}}`` per text (no ``index``), a
+  bare object when ``text`` is one string.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+requests = pytest.importorskip("requests")
+
+from serving_helpers import start_servers  # noqa: E402
+
+from trl_polar.scorer import PolarScorer  # noqa: E402
+from trl_polar.serving.client import PolarClient  # noqa: E402
+
+TOL = 1e-5
+NO_PROXY = {"http": None, "https": None}
+
+# The official client's data format: message lists, "output" for the candidate.
+PROMPT = [{"role": "user", "content": "What is the capital of China?"}]
+REFERENCE = [{"role": "assistant", "content": "Beijing."}]
+OUTPUTS = [
+    [{"role": "assistant", "content": "Beijing."}],
+    [{"role": "assistant", "content": "Shanghai."}],
+    "The capital of China is Beijing, a city in the north.",
+]
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_qwen2_rm_dir):
+    """The default server (/pooling in lmdeploy's shape) and one started with --pooling-shape vllm."""
+    default, vllm = start_servers((tiny_qwen2_rm_dir, ()), (tiny_qwen2_rm_dir, ("--pooling-shape", "vllm")))
+    yield {"default": default, "vllm": vllm}
+    default.stop()
+    vllm.stop()
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_qwen2_rm_dir):
+    return PolarScorer(tiny_qwen2_rm_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def expected(scorer):
+    return scorer.score([PROMPT] * len(OUTPUTS), [REFERENCE] * len(OUTPUTS), OUTPUTS)
+
+
+def official_texts(scorer):
+    """What the official client's ``encode`` sends: the reward-token text last, ``<|reward|>`` between the halves."""
+    texts = [scorer.template.format(PROMPT, REFERENCE, o, "sft") for o in OUTPUTS]
+    for text in texts:
+        assert text.endswith("[UNUSED_TOKEN_130]") and text.count("<|reward|>") == 1
+    return texts
+
+
+def assert_close(got, expected):
+    assert isinstance(got, list) and len(got) == len(expected), got
+    for g, e in zip(got, expected):
+        assert abs(g - e) <= TOL, (got, expected)
+
+
+def test_official_client_sglang_mode(servers, scorer, expected, tiny_qwen2_rm_dir):
+    model_name = tiny_qwen2_rm_dir.split("/")[-1]  # the client's rm_name
+    res = requests.post(
+        f"{servers['default'].url}/classify",
+        json={"model": model_name, "text": official_texts(scorer)},
+        proxies=NO_PROXY,
+        timeout=30,
+    )
+    assert res.status_code == 200, res.text
+    assert_close([e["embedding"][0] for e in res.json()], expected)
+    # Every result as SGLang writes it: no index, the prompt's token count in meta_info.
+    for e, text in zip(res.json(), official_texts(scorer)):
+        assert set(e) == {"embedding", "meta_info"} and len(e["embedding"]) == 1
+        assert set(e["meta_info"]) == {"id", "finish_reason", "prompt_tokens", "weight_version", "e2e_latency"}
+        assert e["meta_info"]["prompt_tokens"] == len(scorer.template.tokenizer(text)["input_ids"])
+        assert e["meta_info"]["finish_reason"] == {"type": "length", "length": 0}
+    assert len({e["meta_info"]["id"] for e in res.json()}) == len(OUTPUTS)
+
+
+def test_official_client_lmdeploy_mode(servers, scorer, expected, tiny_qwen2_rm_dir):
+    texts = official_texts(scorer)
+    res = requests.post(f"{servers['default'].url}/pooling", json={"input": texts}, proxies=NO_PROXY, timeout=30)
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert_close([e["data"] for e in body["data"]], expected)
+    # lmdeploy's envelope, field for field.
+    tokens = sum(len(scorer.template.tokenizer(t)["input_ids"]) for t in texts)
+    assert set(body) == {"id", "object", "created", "model", "data", "usage"}
+    assert body["id"].startswith("pool-") and body["object"] == "list" and isinstance(body["created"], int)
+    assert body["model"] == tiny_qwen2_rm_dir.rstrip("/").split("/")[-1]  # the served name: no model was sent
+    assert body["data"][0] == {"index": 0, "object": "pooling", "data": body["data"][0]["data"]}
+    assert [e["index"] for e in body["data"]] == [0, 1, 2]
+    assert body["usage"] == {
+        "prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
+        "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": None,
+    }  # fmt: skip
+    # lmdeploy echoes the request's model name.
+    named = requests.post(f"{servers['default'].url}/pooling", json={"model": "POLAR-7B", "input": texts[:1]})
+    assert named.json()["model"] == "POLAR-7B"
+
+
+def test_official_client_vllm_mode(servers, scorer, expected, tiny_qwen2_rm_dir):
+    texts = official_texts(scorer)
+    res = requests.post(f"{servers['vllm'].url}/pooling", json={"input": texts}, proxies=NO_PROXY, timeout=30)
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert_close([e["data"][-1][0] for e in body["data"]], expected)
+    tokens = sum(len(scorer.template.tokenizer(t)["input_ids"]) for t in texts)
+    assert set(body) == {"id", "object", "created", "model", "data", "usage"}
+    assert body["id"].startswith("pooling-") and body["object"] == "list"
+    assert body["model"] == tiny_qwen2_rm_dir.rstrip("/").split("/")[-1]  # vLLM answers with its served name
+    assert [set(e) for e in body["data"]] == [{"index", "object", "data"}] * 3
+    assert [e["object"] for e in body["data"]] == ["pooling"] * 3
+    assert all(len(e["data"]) == 1 and len(e["data"][-1]) == 1 for e in body["data"])  # [[score]]
+    assert body["usage"] == {
+        "prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0, "prompt_tokens_details": None,
+    }  # fmt: skip
+
+
+def test_pooling_shape_follows_vllm_only_fields(servers, scorer, expected):
+    """A request with a field only vLLM's pooling API has is a vLLM client's: it gets vLLM's shape on any server."""
+    texts = official_texts(scorer)
+    for field, value in [("task", "token_classify"), ("add_special_tokens", True), ("request_id", "r1")]:
+        res = httpx.post(f"{servers['default'].url}/pooling", json={"input": texts, field: value}, timeout=30)
+        assert res.status_code == 200, res.text
+        assert res.json()["id"].startswith("pooling-")
+        assert_close([e["data"][-1][0] for e in res.json()["data"]], expected)
+    # lmdeploy's own fields (shared with vLLM) keep the server's shape.
+    res = httpx.post(
+        f"{servers['default'].url}/pooling", json={"input": texts, "encoding_format": "float", "user": "u"}, timeout=30
+    )
+    assert_close([e["data"] for e in res.json()["data"]], expected)
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "says"),
+    [
+        ({"use_activation": True}, "use_activation", "raw score"),
+        ({"add_special_tokens": False}, "add_special_tokens", "BOS"),
+        ({"truncate_prompt_tokens": 8}, "truncate_prompt_tokens", "reward token"),
+        ({"encoding_format": "base64"}, "encoding_format", "float"),
+        ({"dimensions": 1}, "dimensions", "one value"),
+    ],
+)
+def test_pooling_fields_that_would_change_the_score_are_refused(servers, scorer, body, field, says):
+    res = httpx.post(
+        f"{servers['default'].url}/pooling", json={"input": official_texts(scorer)[:1], **body}, timeout=30
+    )
+    assert res.status_code == 422, res.text
+    assert res.json()["error"]["field"] == field and says in res.json()["error"]["message"]
+
+
+def test_classify_one_text_ids_and_tokenize(servers, scorer, expected):
+    url = servers["default"].url
+    text = official_texts(scorer)[0]
+    ids = scorer.template.tokenizer(text)["input_ids"]
+    # One string in: SGLang answers with one bare object.
+    single = httpx.post(url + "/classify", json={"text": text}, timeout=30).json()
+    assert set(single) == {"embedding", "meta_info"} and abs(single["embedding"][0] - expected[0]) <= TOL
+    # Token ids (SGLang's input_ids): the same score.
+    by_ids = httpx.post(url + "/classify", json={"input_ids": [ids, ids]}, timeout=30).json()
+    assert_close([e["embedding"][0] for e in by_ids], expected[:1] * 2)
+    both = httpx.post(url + "/classify", json={"text": [text], "input_ids": [ids]}, timeout=30)
+    assert both.status_code == 422 and "either" in both.json()["error"]["message"]
+    # vLLM's /tokenize: the ids /pooling scores, BOS included.
+    tok = httpx.post(url + "/tokenize", json={"prompt": text, "return_token_strs": True}, timeout=30).json()
+    assert tok["tokens"] == ids and tok["count"] == len(ids) and tok["max_model_len"] == scorer.template.max_length
+    assert tok["token_strs"] == scorer.template.tokenizer.convert_ids_to_tokens(ids)
+    assert tok["tokens"][0] == scorer.template.tokenizer.bos_token_id
+    assert tok["tokens"][-1] == scorer.template.reward_token_id
+
+
+@pytest.mark.parametrize(("backend", "server"), [("vllm", "vllm"), ("vllm", "default"), ("lmdeploy", "default"),
+                                                 ("sglang", "default")])  # fmt: skip
+def test_polar_client_engine_backends_against_the_server(servers, scorer, backend, server, tiny_qwen2_rm_dir):
+    """PolarClient's engine backends read the server's engine shapes (whichever /pooling shape it answers in)."""
+    prompts = [PROMPT, PROMPT, "Name a prime number above five."]
+    references = [REFERENCE, REFERENCE, "7"]
+    candidates = [OUTPUTS[0], OUTPUTS[1], "11"]
+    client = PolarClient(url=servers[server].url, backend=backend, template=tiny_qwen2_rm_dir, chunk_size=2)
+    scores = client.score(prompts, references, candidates)
+    client.close()
+    assert_close(scores, scorer.score(prompts, references, candidates))
