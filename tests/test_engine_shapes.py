@@ -29,6 +29,13 @@ The engines' own answers, read from their servers' source:
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
 import httpx
 import pytest
 
@@ -36,10 +43,12 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 requests = pytest.importorskip("requests")
 
+import torch  # noqa: E402
 from serving_helpers import start_servers  # noqa: E402
 
 from trl_polar.scorer import PolarScorer  # noqa: E402
 from trl_polar.serving.client import PolarClient  # noqa: E402
+from trl_polar.serving.parity import check_engine, compare_ids, diagnose  # noqa: E402
 
 TOL = 1e-5
 NO_PROXY = {"http": None, "https": None}
@@ -210,3 +219,109 @@ def test_polar_client_engine_backends_against_the_server(servers, scorer, backen
     scores = client.score(prompts, references, candidates)
     client.close()
     assert_close(scores, scorer.score(prompts, references, candidates))
+
+
+# ---------------------------------------------------------------------------------------------------- check-engine
+ROWS = [
+    {"prompt": PROMPT, "reference": REFERENCE, "output": OUTPUTS[0]},
+    {"prompt": PROMPT, "reference": REFERENCE, "output": OUTPUTS[1]},
+    {"prompt": "Name a prime number above five.", "reference": "7", "output": "11", "wrapper": "pretrain"},
+    {"prompt": "Translate to French: good morning.", "reference": "Bonjour.", "output": "Bonsoir."},
+    {"prompt": "What is 2 + 2?", "reference": "4", "output": "The answer is 5."},
+]
+
+
+def rows_file(tmp_path, rows=ROWS):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def run_check_engine(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "trl_polar.cli", "check-engine", "--device", "cpu", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
+
+
+def row_columns(rows=ROWS):
+    return [r["prompt"] for r in rows], [r["reference"] for r in rows], [r["output"] for r in rows]
+
+
+@pytest.mark.parametrize(("backend", "server"), [("trl-polar", "default"), ("lmdeploy", "default"),
+                                                 ("sglang", "default"), ("vllm", "vllm")])  # fmt: skip
+def test_check_engine_agrees_with_the_same_model(servers, backend, server, tiny_qwen2_rm_dir):
+    wrappers = [r.get("wrapper", "sft") for r in ROWS]
+    check = check_engine(servers[server].url, backend, tiny_qwen2_rm_dir, *row_columns(), wrappers, device="cpu")
+    assert check.agrees and check.max_difference <= TOL and check.causes == []
+    lines = check.report().splitlines()
+    assert lines[0] == f"5 rows scored by {backend} at {servers[server].url} and in process."
+    assert lines[1].startswith("largest difference: ") and lines[2] == "The engine agrees with the in-process scores."
+
+
+def test_check_engine_names_another_model(servers, tiny_qwen2_rm_dir, tiny_llama_rm_dir, tmp_path):
+    """The command as a user runs it: the server serves the Qwen2 model, --model names the Llama one."""
+    rows = rows_file(tmp_path)
+    out = run_check_engine(
+        "--url", servers["default"].url, "--backend", "lmdeploy", "--model", tiny_llama_rm_dir, "--data", str(rows),
+        "--n", "4",
+    )  # fmt: skip
+    assert out.returncode == 1, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"4 rows scored by lmdeploy at {servers['default'].url} and in process."
+    local = PolarScorer(tiny_llama_rm_dir, device="cpu").score(*(column[:4] for column in row_columns()))
+    remote = PolarScorer(tiny_qwen2_rm_dir, device="cpu").score(*(column[:4] for column in row_columns()))
+    largest = max(abs(a - b) for a, b in zip(remote, local))
+    assert lines[1].startswith(f"largest difference: {largest:.6g} (row ")
+    assert lines[2:4] == ["The engine differs. Likely cause:", lines[3]]
+    assert lines[3].startswith("  - model: the remote scores do not follow the in-process ones (correlation ")
+
+
+def test_check_engine_names_a_scaled_head(servers, scorer, tiny_qwen2_rm_dir, tmp_path):
+    """The same backbone with the value head doubled in process: the engine's scores are half of them."""
+    from transformers import AutoModelForSequenceClassification
+
+    scaled = tmp_path / "scaled"
+    shutil.copytree(tiny_qwen2_rm_dir, scaled)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_qwen2_rm_dir)
+    with torch.no_grad():
+        model.score.weight.mul_(2.0)
+    model.save_pretrained(scaled)
+    check = check_engine(servers["vllm"].url, "vllm", str(scaled), *row_columns(), device="cpu")
+    assert not check.agrees
+    assert_close(check.local, [2 * x for x in check.remote])
+    assert check.causes == [check.causes[0]] and check.causes[0].startswith("head or activation: remote = 0.5 * in")
+
+
+def test_diagnose_names_each_cause_from_real_scores(scorer, tiny_qwen2_rm_dir):
+    """The causes check-engine names, each from a real variant of the same rows' scores."""
+    prompts, references, candidates = row_columns()
+    local = scorer.score(prompts, references, candidates)
+    tol = 1e-5
+    pretrain = scorer.score(prompts, references, candidates, "pretrain")
+    ids = [scorer.template.encode(p, r, c) for p, r, c in zip(prompts, references, candidates)]
+    no_bos = scorer.score_ids([x[1:] for x in ids])
+    alternatives = {"other wrapper": pretrain, "no BOS": no_bos}
+
+    def cause(remote):
+        (found,) = diagnose(remote, local, tolerance=tol, alternatives=alternatives)
+        return found
+
+    assert cause(pretrain).startswith("template text: the remote scores are the in-process scores of the 'pretrain'")
+    assert cause(no_bos).startswith("tokenizer or special tokens: the remote scores are the in-process scores of")
+    assert "sigmoid" in cause([1 / (1 + math.exp(-x)) for x in local])
+    assert cause([x + 0.25 for x in local]) == (
+        "head or activation: a constant offset, remote = in process +0.25: a bias in the served head or a reward "
+        "normalisation on the engine's side."
+    )
+    assert cause([-x for x in local]).startswith("head or activation: the sign is flipped")
+    # bf16 against fp32, both real scorers of the same checkpoint.
+    bf16 = PolarScorer(tiny_qwen2_rm_dir, device="cpu", dtype="bf16").score(prompts, references, candidates)
+    assert 0 < max(abs(a - b) for a, b in zip(bf16, local)) <= 0.05
+    assert cause(bf16).startswith("precision: differences up to")
+    # The engine's tokenization: a text whose reward token is not tokenized as one token.
+    texts = [scorer.template.format(p, r, c) for p, r, c in zip(prompts, references, candidates)]
+    local_ids = [scorer.template.tokenizer(t)["input_ids"] for t in texts]
+    broken = [x[:-1] + scorer.template.tokenizer.encode("[UNUSED", add_special_tokens=False) for x in local_ids]
+    (found,) = compare_ids(broken, local_ids, scorer.template)
+    assert found.startswith("tokenizer or special tokens: the engine does not tokenize '[UNUSED_TOKEN_130]' as the")
+    assert compare_ids(local_ids, local_ids, scorer.template) == []
