@@ -64,12 +64,20 @@ OUTPUTS = [
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_qwen2_rm_dir):
-    """The default server (/pooling in lmdeploy's shape) and one started with --pooling-shape vllm."""
-    default, vllm = start_servers((tiny_qwen2_rm_dir, ()), (tiny_qwen2_rm_dir, ("--pooling-shape", "vllm")))
-    yield {"default": default, "vllm": vllm}
-    default.stop()
-    vllm.stop()
+def servers(tiny_qwen2_rm_dir, tmp_path_factory):
+    """The default server (/pooling in lmdeploy's shape), one started with --pooling-shape vllm, and one serving a
+    copy of the model whose tokenizer adds no BOS (a deliberately wrong deployment, for check-engine)."""
+    no_bos = tmp_path_factory.mktemp("no_bos") / "model"
+    shutil.copytree(tiny_qwen2_rm_dir, no_bos)
+    tokenizer_json = json.loads((no_bos / "tokenizer.json").read_text())
+    tokenizer_json["post_processor"] = None  # the template step that prepends BOS
+    (no_bos / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    default, vllm, wrong = start_servers(
+        (tiny_qwen2_rm_dir, ()), (tiny_qwen2_rm_dir, ("--pooling-shape", "vllm")), (str(no_bos), ())
+    )
+    yield {"default": default, "vllm": vllm, "no_bos": wrong}
+    for server in (default, vllm, wrong):
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +214,11 @@ def test_classify_one_text_ids_and_tokenize(servers, scorer, expected):
     assert tok["token_strs"] == scorer.template.tokenizer.convert_ids_to_tokens(ids)
     assert tok["tokens"][0] == scorer.template.tokenizer.bos_token_id
     assert tok["tokens"][-1] == scorer.template.reward_token_id
+    # lmdeploy's /v1/encode: the same ids; one text -> one list, several -> one list each.
+    enc = httpx.post(url + "/v1/encode", json={"input": text}, timeout=30).json()
+    assert enc == {"input_ids": ids, "length": len(ids)}
+    enc = httpx.post(url + "/v1/encode", json={"input": [text, text], "add_bos": False}, timeout=30).json()
+    assert enc == {"input_ids": [ids[1:], ids[1:]], "length": [len(ids) - 1] * 2}
 
 
 @pytest.mark.parametrize(("backend", "server"), [("vllm", "vllm"), ("vllm", "default"), ("lmdeploy", "default"),
@@ -290,6 +303,22 @@ def test_check_engine_names_a_scaled_head(servers, scorer, tiny_qwen2_rm_dir, tm
     assert not check.agrees
     assert_close(check.local, [2 * x for x in check.remote])
     assert check.causes == [check.causes[0]] and check.causes[0].startswith("head or activation: remote = 0.5 * in")
+
+
+@pytest.mark.parametrize("backend", ["vllm", "lmdeploy"])
+def test_check_engine_names_a_tokenizer_without_bos(servers, scorer, backend, tiny_qwen2_rm_dir):
+    """The engine serves the right weights with a tokenizer that adds no BOS: its tokenization route shows it."""
+    check = check_engine(servers["no_bos"].url, backend, tiny_qwen2_rm_dir, *row_columns(), device="cpu")
+    assert not check.agrees and check.notes == []
+    texts = [scorer.template.format(p, r, c) for p, r, c in zip(*row_columns())]
+    without_bos = scorer.score_ids([scorer.template.tokenizer(t)["input_ids"][1:] for t in texts])
+    assert_close(check.remote, without_bos)
+    assert check.causes == [
+        "tokenizer or special tokens: the engine adds no BOS token ('<s>') at the start of row 0, unlike the "
+        "model's training; serve it with the checkpoint's tokenizer config.",
+        "the in-process model scores the engine's token ids as the engine does: the tokenization is the whole "
+        "difference.",
+    ]
 
 
 def test_diagnose_names_each_cause_from_real_scores(scorer, tiny_qwen2_rm_dir):

@@ -39,6 +39,7 @@ def check_engine_command(
     likely cause (template text, tokenizer or special tokens, head or activation, precision, another model). Exits 1
     when they differ."""
     from ..score_file import _read_rows
+    from ..serving.client import PolarClientError
     from ..serving.parity import check_engine
 
     if backend not in BACKENDS:
@@ -47,20 +48,23 @@ def check_engine_command(
         raise CLIError(f"--n must be at least 1, got {n}.")
     rows, (prompt, reference, candidate) = _read_rows(data, ("prompt", "reference", candidate_column))
     rows = [row for _, row in rows[:n]]
-    check = check_engine(
-        url,
-        backend,
-        model,
-        [row[prompt] for row in rows],
-        [row[reference] for row in rows],
-        [row[candidate] for row in rows],
-        [row.get("wrapper", "sft") for row in rows],
-        api_key=api_key,
-        model_name=model_name,
-        tolerance=tolerance,
-        device=device,
-        dtype=dtype,
-    )
+    try:
+        check = check_engine(
+            url,
+            backend,
+            model,
+            [row[prompt] for row in rows],
+            [row[reference] for row in rows],
+            [row[candidate] for row in rows],
+            [row.get("wrapper", "sft") for row in rows],
+            api_key=api_key,
+            model_name=model_name,
+            tolerance=tolerance,
+            device=device,
+            dtype=dtype,
+        )
+    except PolarClientError as err:  # the engine could not be reached or refused: one line, not a traceback
+        raise CLIError(f"{err}") from None
     typer.echo(check.report())
     if not check.agrees:
         raise typer.Exit(1)

@@ -8,7 +8,8 @@ hands it to the service and answers from a wire model; the OpenAPI schema at ``/
                         ``pooling_shape`` or by a vLLM-only field in the request;
 - ``POST /classify``    SGLang's shape: ``{"text": [...]}`` in, ``[{"embedding": [score], "meta_info": {...}}, ...]``
                         out;
-- ``POST /tokenize``    vLLM's: how a text is tokenized (``{"prompt"}`` in, ``{"tokens", "count", ...}`` out);
+- ``POST /tokenize``    vLLM's: how a text is tokenized (``{"prompt"}`` in, ``{"tokens", "count", ...}`` out), and
+  ``POST /v1/encode``   lmdeploy's (``{"input"}`` in, ``{"input_ids", "length"}`` out);
 - ``POST /get_reward``  OpenRLHF's remote reward-model protocol: ``{"query", "prompts", "labels"}`` in,
                         ``{"rewards", "scores", "extra_logs"}`` out; the label is the reference;
 - ``GET /health``, ``GET /metrics`` (Prometheus text format).
@@ -40,6 +41,8 @@ from .protocol import (
     ClassifyRequest,
     ClassifyResponse,
     ClassifyResult,
+    EncodeRequest,
+    EncodeResponse,
     ErrorEnvelope,
     GetRewardRequest,
     GetRewardResponse,
@@ -85,7 +88,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 router = APIRouter()
 # The routes that answer in another engine's shape.
-ENGINE_ENDPOINTS = ("/pooling", "/classify", "/tokenize")
+ENGINE_ENDPOINTS = ("/pooling", "/classify", "/tokenize", "/v1/encode")
 
 
 def create_app(
@@ -274,6 +277,15 @@ async def _get_reward(service: PolarService, req: GetRewardRequest) -> tuple[Bas
     return answer, len(scores), encoded.truncated
 
 
+async def _encode(service: PolarService, req: EncodeRequest) -> tuple[BaseModel, int, int]:
+    texts = [req.input] if isinstance(req.input, str) else req.input
+    # The BOS the tokenizer adds is a special token; without add_bos the text is tokenized without any.
+    ids = [service.template.tokenizer(t, add_special_tokens=req.add_bos)["input_ids"] for t in texts]
+    if isinstance(req.input, str):
+        return EncodeResponse(input_ids=ids[0], length=len(ids[0])), 0, 0
+    return EncodeResponse(input_ids=ids, length=[len(x) for x in ids]), 0, 0
+
+
 def _post(path: str, request_model: type[BaseModel], response_model: Any, work: Work, summary: str) -> None:
     async def route(request: Request) -> Response:
         return await _answer(request, path, request_model, work)
@@ -296,6 +308,7 @@ _post(
     "/classify", ClassifyRequest, ClassifyResponse | ClassifyResult, _classify, "Score formatted texts (SGLang shape)"
 )
 _post("/tokenize", TokenizeRequest, TokenizeResponse, _tokenize, "Tokenize a text as /pooling does (vLLM shape)")
+_post("/v1/encode", EncodeRequest, EncodeResponse, _encode, "Tokenize texts as /pooling does (lmdeploy shape)")
 _post("/get_reward", GetRewardRequest, GetRewardResponse, _get_reward, "OpenRLHF's remote reward model")
 
 

@@ -4,9 +4,9 @@ The remote scores come from `PolarClient` with the engine's backend (exactly wha
 in-process scores from `PolarScorer` on the same checkpoint. When the largest difference is over the tolerance,
 the likely causes are named from evidence, in this order:
 
-1. tokenizer or special tokens: the engine's own tokenization of the formatted text (vLLM's and this server's
-   ``/tokenize``, lmdeploy's ``/v1/encode``), compared id for id with the local one; and the in-process score of the
-   engine's ids, of the text without BOS, and of the text ending before the reward token, against the remote score;
+1. tokenizer or special tokens: the engine's own tokenization of the formatted text (`TOKENIZE_ROUTES`), compared
+   id for id with the local one; and the in-process scores of the engine's ids and of the text without BOS,
+   against the remote scores;
 2. template text: the in-process score of the other wrapper's text ("sft" <-> "pretrain");
 3. head or activation: remote = sigmoid(local), remote = local + c, remote = -local, or remote = a * local + b;
 4. precision: small differences without a pattern, as a bf16/fp16 engine gives against fp32 in process;
@@ -159,6 +159,16 @@ def check_engine(
     return check
 
 
+# Where each engine tokenizes a text: lmdeploy's /v1/encode ({"input", "add_bos"} -> {"input_ids"}); vLLM's and
+# this server's /tokenize, SGLang's /v1/tokenize (older: /tokenize) ({"prompt", "add_special_tokens"} -> {"tokens"}).
+TOKENIZE_ROUTES = {
+    "lmdeploy": ("/v1/encode",),
+    "vllm": ("/tokenize",),
+    "sglang": ("/v1/tokenize", "/tokenize"),
+    "trl-polar": ("/tokenize",),
+}
+
+
 def engine_tokenization(
     url: str, backend: str, texts: list[str], api_key: str | None, model_name: str | None, timeout: float
 ) -> tuple[list[list[int]] | None, str | None]:
@@ -170,27 +180,29 @@ def engine_tokenization(
     for endpoint in ("/score", "/pooling", "/classify", "/get_reward"):
         base = base.removesuffix(endpoint)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    route = "/v1/encode" if backend == "lmdeploy" else "/tokenize"
-    out = []
-    try:
-        with httpx.Client(timeout=timeout, headers=headers) as http:
-            for text in texts:
-                if backend == "lmdeploy":  # lmdeploy's EncodeRequest: {"input", "add_bos"} -> {"input_ids"}
-                    answer = http.post(base + route, json={"input": text, "add_bos": True})
-                    key = "input_ids"
-                else:  # vLLM's TokenizeCompletionRequest (this server answers it too): {"prompt"} -> {"tokens"}
-                    body = {
-                        "prompt": text,
-                        "add_special_tokens": True,
-                        **({"model": model_name} if model_name else {}),
-                    }
-                    answer = http.post(base + route, json=body)
-                    key = "tokens"
-                answer.raise_for_status()
-                out.append([int(t) for t in answer.json()[key]])
-    except (httpx.HTTPError, ValueError, KeyError, TypeError) as err:
-        return None, f"the engine's tokenization was not checked ({route}: {type(err).__name__}: {err})."[:300]
-    return out, None
+    tried = []
+    with httpx.Client(timeout=timeout, headers=headers) as http:
+        for route in TOKENIZE_ROUTES[backend]:
+            try:
+                out = [_tokenize(http, base + route, route, text, model_name) for text in texts]
+            except (httpx.HTTPError, ValueError, KeyError, TypeError) as err:
+                tried.append(f"{route}: {type(err).__name__}: {str(err)[:120]}")
+                continue
+            return out, None
+    return None, f"the engine's tokenization was not checked ({'; '.join(tried)})."
+
+
+def _tokenize(http: Any, url: str, route: str, text: str, model_name: str | None) -> list[int]:
+    if route == "/v1/encode":
+        answer = http.post(url, json={"input": text, "add_bos": True})
+        key = "input_ids"
+    else:
+        answer = http.post(
+            url, json={"prompt": text, "add_special_tokens": True, **({"model": model_name} if model_name else {})}
+        )
+        key = "tokens"
+    answer.raise_for_status()
+    return [int(t) for t in answer.json()[key]]
 
 
 def compare_ids(engine: list[list[int]], local: list[list[int]], template: Any) -> list[str]:

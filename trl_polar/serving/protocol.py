@@ -399,6 +399,19 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
+class EncodeRequest(BaseModel):
+    """lmdeploy's ``POST /v1/encode``: how the server tokenizes texts."""
+
+    input: str | list[str] = Field(description="A text, or several.")
+    do_preprocess: Literal[False] = Field(False, description="lmdeploy's chat template: not applied here.")
+    add_bos: bool = Field(True, description="Add BOS (as /pooling and /classify do).")
+
+
+class EncodeResponse(BaseModel):
+    input_ids: list[int] | list[list[int]]
+    length: int | list[int]
+
+
 # ---------------------------------------------------------------------------------------------------- /get_reward
 class GetRewardRequest(BaseModel):
     """``POST /get_reward``: OpenRLHF's remote reward-model protocol."""
@@ -427,13 +440,14 @@ class HealthResponse(BaseModel):
     uptime_s: float
 
 
-REQUEST_MODELS = (ScoreRequest, PoolingRequest, ClassifyRequest, GetRewardRequest, TokenizeRequest)
+REQUEST_MODELS = (ScoreRequest, PoolingRequest, ClassifyRequest, GetRewardRequest, TokenizeRequest, EncodeRequest)
 RESPONSE_MODELS = (
     ScoreResponse,
     PoolingResponse,
     ClassifyResponse,
     GetRewardResponse,
     TokenizeResponse,
+    EncodeResponse,
     HealthResponse,
     ErrorEnvelope,
 )
