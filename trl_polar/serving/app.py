@@ -261,10 +261,14 @@ async def _classify(service: PolarService, req: ClassifyRequest) -> tuple[BaseMo
     return (results[0] if single else ClassifyResponse(results)), len(scores), 0
 
 
+def _token_ids(service: PolarService, texts: list[str], special_tokens: bool) -> list[list[int]]:
+    return service.template.tokenizer(texts, add_special_tokens=special_tokens)["input_ids"]
+
+
 async def _tokenize(service: PolarService, req: TokenizeRequest) -> tuple[BaseModel, int, int]:
-    tokenizer = service.template.tokenizer
-    ids = tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
-    strs = tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+    # On the encode thread, like every tokenization: a fast tokenizer is not to be used from two threads at once.
+    (ids,) = await service.run(_token_ids, service, [req.prompt], req.add_special_tokens)
+    strs = service.template.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
     answer = TokenizeResponse(count=len(ids), max_model_len=service.template.max_length, tokens=ids, token_strs=strs)
     return answer, 0, 0
 
@@ -280,7 +284,7 @@ async def _get_reward(service: PolarService, req: GetRewardRequest) -> tuple[Bas
 async def _encode(service: PolarService, req: EncodeRequest) -> tuple[BaseModel, int, int]:
     texts = [req.input] if isinstance(req.input, str) else req.input
     # The BOS the tokenizer adds is a special token; without add_bos the text is tokenized without any.
-    ids = [service.template.tokenizer(t, add_special_tokens=req.add_bos)["input_ids"] for t in texts]
+    ids = await service.run(_token_ids, service, texts, req.add_bos) if texts else []
     if isinstance(req.input, str):
         return EncodeResponse(input_ids=ids[0], length=len(ids[0])), 0, 0
     return EncodeResponse(input_ids=ids, length=[len(x) for x in ids]), 0, 0
