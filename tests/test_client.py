@@ -1,8 +1,9 @@
 """PolarClient against real servers on 127.0.0.1: our server (subprocesses) and stand-ins for vLLM, SGLang, lmdeploy.
 
-The stand-ins are small FastAPI apps in this process that answer in each engine's documented response shape and
-score with the same tiny model. They test the client's request and response handling for those shapes, never the
-engines themselves (those need a GPU).
+The stand-ins are small FastAPI apps in this process that answer exactly as each engine's server source writes its
+response (commits in `engine_standin`) and score with the same tiny model. They test the client's request and
+response handling for those shapes, never the engines themselves (those need a GPU); tests/test_engine_shapes.py
+runs the engine backends against `trl-polar serve`'s engine shapes.
 """
 
 import asyncio
@@ -158,7 +159,17 @@ def test_refusals_are_not_retried(replicas):
 
 # ---------------------------------------------------------------------------------------------------- stand-ins
 def engine_standin(kind: str, scorer: PolarScorer, seen: list) -> FastAPI:
-    """Answers like `kind`'s server: tokenizes the texts as the engine would, scores with the tiny model."""
+    """Answers like `kind`'s server, envelope for envelope: tokenizes the texts as the engine would (BOS added) and
+    scores with the tiny model. The shapes, as the engines' own servers write them:
+
+    - vLLM 020638a6 (vllm/entrypoints/pooling/pooling/): ``id`` "pooling-<uuid>", ``data[i].data`` one row per prompt
+      token (InternLM2's reward model pools every token), the score in the last row; ``usage`` with
+      ``prompt_tokens_details`` null;
+    - lmdeploy 1263d5cd (lmdeploy/serve/openai/endpoints/auxiliary.py): ``id`` "pool-<id>", ``data[i].data`` the
+      score, ``usage`` from ``UsageInfo.build`` (``prompt_tokens_details`` {"cached_tokens": 0});
+    - SGLang (http_server.py /classify, the tokenizer manager's embedding output): a list of ``{"embedding",
+      "meta_info"}``, no ``index``.
+    """
     app = FastAPI()
     lock = threading.Lock()
 
@@ -166,30 +177,42 @@ def engine_standin(kind: str, scorer: PolarScorer, seen: list) -> FastAPI:
         tokenizer = scorer.template.tokenizer
         ids = [tokenizer(text, add_special_tokens=True)["input_ids"] for text in texts]
         with lock:
-            return scorer.score_ids(ids)
+            return scorer.score_ids(ids), [len(x) for x in ids]
 
     @app.post("/pooling")
     async def pooling(request: Request):
         body = await request.json()
         seen.append(body)
-        values = scores_for(body["input"])
+        values, lengths = scores_for(body["input"])
+        tokens = sum(lengths)
         if kind == "lmdeploy":
             data = [{"index": i, "object": "pooling", "data": v} for i, v in enumerate(values)]
-        else:
-            # vLLM's ALL pooling: one value per token, the reward at the last token; items may come back out of order.
-            data = [
-                {"index": i, "object": "pooling", "data": [[-50.0 - j] for j in range(4)] + [[v]]}
-                for i, v in enumerate(values)
-            ][::-1]
-        usage = {"prompt_tokens": 0, "total_tokens": 0}
-        return {"id": "pool-0", "object": "list", "created": 0, "model": "m", "data": data, "usage": usage}
+            usage = {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
+                     "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": None}  # fmt: skip
+            return {"id": "pool-8kGcN2", "object": "list", "created": 1700000000, "model": body.get("model", "m"),
+                    "data": data, "usage": usage}  # fmt: skip
+        # One row per token; the rows before the reward token hold the head's (meaningless) values there.
+        data = [
+            {"index": i, "object": "pooling", "data": [[-50.0 - j] for j in range(n - 1)] + [[v]]}
+            for i, (v, n) in enumerate(zip(values, lengths))
+        ]
+        usage = {
+            "prompt_tokens": tokens,
+            "total_tokens": tokens,
+            "completion_tokens": 0,
+            "prompt_tokens_details": None,
+        }
+        return {"id": "pooling-5f1d", "object": "list", "created": 1700000000, "model": "POLAR-7B", "data": data,
+                "usage": usage}  # fmt: skip
 
     @app.post("/classify")
     async def classify(request: Request):
         body = await request.json()
         seen.append(body)
-        values = scores_for(body["text"])
-        return [{"index": i, "embedding": [v], "meta_info": {"id": str(i)}} for i, v in enumerate(values)]
+        values, lengths = scores_for(body["text"])
+        meta = [{"id": f"{i:032x}", "finish_reason": {"type": "length", "length": 0}, "prompt_tokens": n,
+                 "weight_version": "default", "e2e_latency": 0.01} for i, n in enumerate(lengths)]  # fmt: skip
+        return [{"embedding": [v], "meta_info": m} for v, m in zip(values, meta)]
 
     return app
 

@@ -572,15 +572,23 @@ def test_every_endpoint_and_engine_shape_matches_the_openapi_schema(servers, sco
         assert backend.endpoint == endpoint_of[name]
         items = [backend.item(template, PROMPTS[0], REFERENCES[0], c, "sft") for c in ("4", "5")]
         conforms(backend.request(items, "polar", "sft"), body_schema(backend.endpoint))
+    # The engines' answers as their servers write them (vLLM 020638a6, lmdeploy 1263d5cd, SGLang's /classify).
     answers = {
         "trl-polar": {"scores": [0.5, -1.0], "truncated": 0, "id": "a"},
-        "lmdeploy": {"object": "list", "data": [{"index": 0, "object": "pooling", "data": 0.5},
-                                                {"index": 1, "object": "pooling", "data": -1.0}]},
-        "vllm": {"id": "pool-1", "object": "list", "created": 0, "model": "m",
-                 "data": [{"index": 1, "object": "pooling", "data": [[-50.0], [-1.0]]},
-                          {"index": 0, "object": "pooling", "data": [-50.0, 0.5]}],
-                 "usage": {"prompt_tokens": 9, "total_tokens": 9}},
-        "sglang": [{"index": 0, "embedding": [0.5], "meta_info": {"id": "0"}}, {"index": 1, "embedding": [-1.0]}],
+        "lmdeploy": {"id": "pool-8kGc", "object": "list", "created": 1700000000, "model": "POLAR-7B",
+                     "data": [{"index": 0, "object": "pooling", "data": 0.5},
+                              {"index": 1, "object": "pooling", "data": -1.0}],
+                     "usage": {"prompt_tokens": 9, "total_tokens": 9, "completion_tokens": 0,
+                               "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": None}},
+        "vllm": {"id": "pooling-5f1d", "object": "list", "created": 1700000000, "model": "POLAR-7B",
+                 "data": [{"index": 0, "object": "pooling", "data": [[-50.0], [-49.0], [0.5]]},
+                          {"index": 1, "object": "pooling", "data": [[-50.0], [-1.0]]}],
+                 "usage": {"prompt_tokens": 5, "total_tokens": 5, "completion_tokens": 0,
+                           "prompt_tokens_details": None}},
+        "sglang": [{"embedding": [0.5], "meta_info": {"id": "a1", "finish_reason": {"type": "length", "length": 0},
+                                                      "prompt_tokens": 3, "weight_version": "default"}},
+                   {"embedding": [-1.0], "meta_info": {"id": "b2", "finish_reason": {"type": "length", "length": 0},
+                                                       "prompt_tokens": 2, "weight_version": "default"}}],
     }  # fmt: skip
     for name, answer in answers.items():
         conforms(answer, answer_schema(BACKENDS[name].endpoint))

@@ -15,6 +15,7 @@ from ..serving.server import (
     DEFAULT_HOST,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_QUEUE,
+    DEFAULT_POOLING_SHAPE,
     DEFAULT_PORT,
 )
 
@@ -65,12 +66,20 @@ def serve_command(
     body_timeout: Annotated[
         float, typer.Option(help="Seconds a request may take to send its body; slower gets 408.")
     ] = DEFAULT_BODY_TIMEOUT_S,
+    pooling_shape: Annotated[
+        str,
+        typer.Option(
+            help="How /pooling answers the official POLAR client, which sends the same request in its lmdeploy and "
+            "vllm modes: lmdeploy (data[i].data is the score) or vllm (data[i].data is [[score]]). A request with a "
+            "vLLM-only field (task, add_special_tokens, ...) always gets vLLM's shape."
+        ),
+    ] = DEFAULT_POOLING_SHAPE,
     device: Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu (default: cuda if available).")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, bf16, fp16 or fp32 (default: as stored).")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
-    """Serve a POLAR reward model over HTTP: /score, /pooling (lmdeploy, vLLM), /classify (SGLang), /get_reward
-    (OpenRLHF), /health, /metrics, /docs."""
+    """Serve a POLAR reward model over HTTP: /score, /pooling (lmdeploy, vLLM), /classify (SGLang), /tokenize
+    (vLLM), /get_reward (OpenRLHF), /health, /metrics, /docs."""
     from ..serving.server import serve
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -84,6 +93,7 @@ def serve_command(
         max_body_bytes=max_body_bytes,
         batch_window_ms=batch_window_ms,
         body_timeout_s=body_timeout,
+        pooling_shape=pooling_shape,
         device=device,
         dtype=dtype,
         log_level=log_level,

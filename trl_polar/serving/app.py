@@ -3,9 +3,13 @@ hands it to the service and answers from a wire model; the OpenAPI schema at ``/
 ``/docs``) is generated from the same models.
 
 - ``POST /score``       this project's schema: triples in, ``{"scores", "truncated", "id"}`` out;
-- ``POST /pooling``     what the official POLAR client sends to lmdeploy (and vLLM's pooling request): formatted
-                        texts in, ``data[i].data`` the score;
-- ``POST /classify``    SGLang's shape: ``{"text": [...]}`` in, ``[{"embedding": [score]}, ...]`` out;
+- ``POST /pooling``     lmdeploy's and vLLM's pooling API (what the official POLAR client sends to both): formatted
+                        texts in; ``data[i].data`` is the score (lmdeploy) or ``[[score]]`` (vLLM), chosen by
+                        ``pooling_shape`` or by a vLLM-only field in the request;
+- ``POST /classify``    SGLang's shape: ``{"text": [...]}`` in, ``[{"embedding": [score], "meta_info": {...}}, ...]``
+                        out;
+- ``POST /tokenize``    vLLM's: how a text is tokenized (``{"prompt"}`` in, ``{"tokens", "count", ...}`` out), and
+  ``POST /v1/encode``   lmdeploy's (``{"input"}`` in, ``{"input_ids", "length"}`` out);
 - ``POST /get_reward``  OpenRLHF's remote reward-model protocol: ``{"query", "prompts", "labels"}`` in,
                         ``{"rewards", "scores", "extra_logs", "errors"}`` out; the label is the reference;
 - ``GET /health``, ``GET /metrics`` (Prometheus text format).
@@ -38,20 +42,24 @@ from .protocol import (
     ClassifyRequest,
     ClassifyResponse,
     ClassifyResult,
+    EncodeRequest,
+    EncodeResponse,
     ErrorEnvelope,
     GetRewardRequest,
     GetRewardResponse,
     HealthResponse,
-    PoolingData,
     PoolingRequest,
     PoolingResponse,
-    PoolingUsage,
     RequestError,
     ScoreRequest,
     ScoreResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    classify_answer,
     dumps,
     error_body,
     parse_json,
+    pooling_answer,
     validate,
 )
 from .server import (
@@ -59,6 +67,7 @@ from .server import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_QUEUE,
+    DEFAULT_POOLING_SHAPE,
     check_api_key,
 )
 from .service import PolarService
@@ -79,6 +88,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     )
 }
 router = APIRouter()
+# The routes that answer in another engine's shape.
+ENGINE_ENDPOINTS = ("/pooling", "/classify", "/tokenize", "/v1/encode")
 
 
 def create_app(
@@ -90,6 +101,7 @@ def create_app(
     batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     model_name: str | None = None,
+    pooling_shape: str = DEFAULT_POOLING_SHAPE,
 ) -> FastAPI:
     """The FastAPI app serving one scorer.
 
@@ -106,6 +118,9 @@ def create_app(
         body_timeout_s: how long a request may take to send its body after its headers; beyond it 408. A request
             counts against ``max_queue`` only once its body is in, so slow senders cannot lock others out.
         model_name: the name /pooling answers with (default: the model directory's name).
+        pooling_shape: how /pooling answers a request that could be lmdeploy's or vLLM's (the official POLAR client
+            sends the same request to both): ``"lmdeploy"`` (``data[i].data`` is the score) or ``"vllm"``
+            (``data[i].data`` is ``[[score]]``). A request with a vLLM-only field is answered in vLLM's shape.
     """
     check_api_key(api_key)
     if model_name is None:
@@ -119,6 +134,7 @@ def create_app(
         batch_window_ms=batch_window_ms,
         body_timeout_s=body_timeout_s,
         model_name=model_name,
+        pooling_shape=pooling_shape,
     )
     app = FastAPI(title="trl-polar reward server", version=__version__, lifespan=_lifespan)
     app.state.polar = service
@@ -202,7 +218,8 @@ async def _answer(request: Request, endpoint: str, model: type[BaseModel], work:
         body = validate(model, parse_json(raw), endpoint, service.limits)
         answer, items, truncated = await work(service, body)
         status = 200
-        return Response(dumps(answer), media_type="application/json")
+        # Engine shapes are written field for field as the engines write them (nulls included).
+        return Response(dumps(answer, as_set=endpoint in ENGINE_ENDPOINTS), media_type="application/json")
     except RequestError as err:
         status = err.status
         return _error_response(err)
@@ -221,26 +238,40 @@ async def _score(service: PolarService, req: ScoreRequest) -> tuple[BaseModel, i
     return ScoreResponse(scores=scores, truncated=encoded.truncated, id=req.id), len(scores), encoded.truncated
 
 
-async def _texts(service: PolarService, texts: list[Any], name: str) -> tuple[list[float], int]:
-    ids, keys = await service.run(service.encode_texts, texts, name)
-    return await service.score(ids, keys), sum(len(x) for x in ids)
+async def _texts(service: PolarService, texts: list[Any], name: str, single: bool = False):
+    ids, keys = await service.run(service.encode_texts, texts, name, single)
+    return await service.score(ids, keys), [len(x) for x in ids]
 
 
 async def _pooling(service: PolarService, req: PoolingRequest) -> tuple[BaseModel, int, int]:
     scores, tokens = await _texts(service, req.input, "input")
-    answer = PoolingResponse(
-        id=f"pool-{time.time_ns():x}",
-        created=int(time.time()),
-        model=req.model or service.model_name,
-        data=[PoolingData(index=i, data=s) for i, s in enumerate(scores)],
-        usage=PoolingUsage(prompt_tokens=tokens, total_tokens=tokens),
-    )
-    return answer, len(scores), 0
+    # The two engines' requests are alike (the official client sends {"input": [...]} to both): a vLLM-only field
+    # marks a vLLM client; otherwise the server's --pooling-shape decides.
+    shape = "vllm" if req.vllm_fields() else service.pooling_shape
+    # vLLM answers with its served model's name; lmdeploy echoes the request's.
+    model = service.model_name if shape == "vllm" else req.model or service.model_name
+    return pooling_answer(shape, scores, tokens, model), len(scores), 0
 
 
 async def _classify(service: PolarService, req: ClassifyRequest) -> tuple[BaseModel, int, int]:
-    scores, _ = await _texts(service, req.text, "text")
-    return ClassifyResponse([ClassifyResult(index=i, embedding=[s]) for i, s in enumerate(scores)]), len(scores), 0
+    started = time.time()
+    inputs, name, single = req.inputs()
+    scores, tokens = await _texts(service, inputs, name, single)
+    results = classify_answer(scores, tokens, started)
+    # SGLang answers one input sent on its own with a bare object, a list with a list.
+    return (results[0] if single else ClassifyResponse(results)), len(scores), 0
+
+
+def _token_ids(service: PolarService, texts: list[str], special_tokens: bool) -> list[list[int]]:
+    return service.template.tokenizer(texts, add_special_tokens=special_tokens)["input_ids"]
+
+
+async def _tokenize(service: PolarService, req: TokenizeRequest) -> tuple[BaseModel, int, int]:
+    # On the encode thread, like every tokenization: a fast tokenizer is not to be used from two threads at once.
+    (ids,) = await service.run(_token_ids, service, [req.prompt], req.add_special_tokens)
+    strs = service.template.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+    answer = TokenizeResponse(count=len(ids), max_model_len=service.template.max_length, tokens=ids, token_strs=strs)
+    return answer, 0, 0
 
 
 async def _get_reward(service: PolarService, req: GetRewardRequest) -> tuple[BaseModel, int, int]:
@@ -257,6 +288,15 @@ async def _get_reward(service: PolarService, req: GetRewardRequest) -> tuple[Bas
     # body of any other status.
     body = openrlhf_answer(samples, dict(zip(ok, scores, strict=True)), failures)
     return GetRewardResponse(**body), len(scores), encoded.truncated
+
+
+async def _encode(service: PolarService, req: EncodeRequest) -> tuple[BaseModel, int, int]:
+    texts = [req.input] if isinstance(req.input, str) else req.input
+    # The BOS the tokenizer adds is a special token; without add_bos the text is tokenized without any.
+    ids = await service.run(_token_ids, service, texts, req.add_bos) if texts else []
+    if isinstance(req.input, str):
+        return EncodeResponse(input_ids=ids[0], length=len(ids[0])), 0, 0
+    return EncodeResponse(input_ids=ids, length=[len(x) for x in ids]), 0, 0
 
 
 def _post(path: str, request_model: type[BaseModel], response_model: Any, work: Work, summary: str) -> None:
@@ -277,7 +317,11 @@ def _post(path: str, request_model: type[BaseModel], response_model: Any, work: 
 
 _post("/score", ScoreRequest, ScoreResponse, _score, "Score (prompt, reference, candidate) triples")
 _post("/pooling", PoolingRequest, PoolingResponse, _pooling, "Score formatted texts (lmdeploy / vLLM shape)")
-_post("/classify", ClassifyRequest, ClassifyResponse, _classify, "Score formatted texts (SGLang shape)")
+_post(
+    "/classify", ClassifyRequest, ClassifyResponse | ClassifyResult, _classify, "Score formatted texts (SGLang shape)"
+)
+_post("/tokenize", TokenizeRequest, TokenizeResponse, _tokenize, "Tokenize a text as /pooling does (vLLM shape)")
+_post("/v1/encode", EncodeRequest, EncodeResponse, _encode, "Tokenize texts as /pooling does (lmdeploy shape)")
 _post("/get_reward", GetRewardRequest, GetRewardResponse, _get_reward, "OpenRLHF's remote reward model")
 
 

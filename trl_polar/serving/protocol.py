@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 import typing
+import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -186,6 +188,18 @@ class ScoreResponse(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------------- /pooling
+# The engine shapes below follow the engines' own servers, read at vLLM 020638a6 (vllm/entrypoints/pooling/),
+# lmdeploy 1263d5cd (lmdeploy/serve/openai/endpoints/auxiliary.py, protocol.py) and SGLang's http_server.py
+# /classify with its tokenizer manager's embedding output.
+POOLING_SHAPES = ("lmdeploy", "vllm")
+# Request fields vLLM's pooling request has and lmdeploy's has not: a request that sends one comes from a vLLM
+# client, and is answered in vLLM's shape whatever the server's default shape.
+VLLM_ONLY_POOLING_FIELDS = (
+    "task", "add_special_tokens", "truncate_prompt_tokens", "truncation_side", "padding", "request_id", "priority",
+    "use_activation", "embed_dtype", "endianness", "cache_salt", "mm_processor_kwargs",
+)  # fmt: skip
+
+
 def _as_input_list(value: Any) -> Any:
     if isinstance(value, str):
         return [value]
@@ -203,31 +217,67 @@ def _pooling_input(value: Any) -> Any:
 
 _INPUT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "integer"}, "minItems": 1}]}
 PoolingInput = Annotated[Any, PlainValidator(_pooling_input), WithJsonSchema(_INPUT_SCHEMA)]
+InputList = Annotated[
+    list[PoolingInput],
+    BeforeValidator(_as_input_list),
+    WithJsonSchema({"anyOf": [*_INPUT_SCHEMA["anyOf"], {"type": "array", "items": _INPUT_SCHEMA}]}),
+]
 
 
 class PoolingRequest(BaseModel):
-    """``POST /pooling``: what the official POLAR client sends to lmdeploy, and vLLM's pooling request."""
+    """``POST /pooling``: lmdeploy's and vLLM's pooling request (what the official POLAR client sends to both).
 
-    input: Annotated[
-        list[PoolingInput],
-        BeforeValidator(_as_input_list),
-        WithJsonSchema({"anyOf": [*_INPUT_SCHEMA["anyOf"], {"type": "array", "items": _INPUT_SCHEMA}]}),
-    ] = Field(description="Texts built by PolarTemplate.format (reward-token text included), or token-id lists.")
-    model: str | None = Field(None, description="The model name the answer carries.")
+    Fields of either engine that would change the score this server cannot honour are refused, never ignored;
+    other fields (vLLM's ``request_id``, ``priority``, ...) are accepted and mark the request as vLLM's."""
+
+    model_config = ConfigDict(extra="allow")
+
+    input: InputList = Field(
+        description="Texts built by PolarTemplate.format (reward-token text included), or token-id lists."
+    )
+    model: str | None = Field(None, description="The model name the answer carries (lmdeploy echoes it).")
+    encoding_format: Literal["float"] = Field("float", description="Only float: scores are JSON numbers.")
+    dimensions: None = Field(None, description="Not supported (a reward model has one value).")
+    add_special_tokens: Literal[True] = Field(True, description="vLLM's; texts get BOS, as the model was trained.")
+    truncate_prompt_tokens: None = Field(None, description="vLLM's; not supported: PolarTemplate.format truncates.")
+    use_activation: Literal[False] | None = Field(None, description="vLLM's; the score is the raw head output.")
+
+    @field_validator("dimensions", "add_special_tokens", "truncate_prompt_tokens", "use_activation", mode="before")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        fixes = {
+            "dimensions": (None, "a reward model has one value: leave `dimensions` out"),
+            "add_special_tokens": (True, "the model reads BOS first, as it was trained: leave it out (or true)"),
+            "truncate_prompt_tokens": (None, "cutting tokens would cut the reward token: build the text with "
+                                       "PolarTemplate.format, which truncates the parts"),
+            "use_activation": (False, "this server returns the raw score: leave it out (or false) and apply a "
+                               "sigmoid on your side if you want one"),
+        }  # fmt: skip
+        allowed, fix = fixes[info.field_name]
+        if value is not None and value != allowed:
+            raise ValueError(f"{value!r} is not supported; {fix}")
+        return value
+
+    def vllm_fields(self) -> list[str]:
+        """The vLLM-only fields this request sent (empty for lmdeploy's and the official client's requests)."""
+        sent = set(self.model_fields_set) | set(self.model_extra or {})
+        return sorted(sent & set(VLLM_ONLY_POOLING_FIELDS))
 
 
 class PoolingData(BaseModel):
     index: int | None = Field(None, description="The input's position (answers may come back out of order).")
     object: str = "pooling"
     data: Score | list[Score] | list[list[Score]] = Field(
-        description="The score (lmdeploy), or per-token values whose last one is the score (vLLM's ALL pooling)."
+        description="The score (lmdeploy), or per-token values ``[[v], ...]`` whose last one is the score (vLLM)."
     )
 
 
 class PoolingUsage(BaseModel):
     prompt_tokens: int = 0
     total_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int | None = 0
+    prompt_tokens_details: dict[str, Any] | None = None
+    completion_tokens_details: dict[str, Any] | None = None
 
 
 class PoolingResponse(BaseModel):
@@ -241,22 +291,125 @@ class PoolingResponse(BaseModel):
     usage: PoolingUsage | None = None
 
 
-# ---------------------------------------------------------------------------------------------------- /classify
-class ClassifyRequest(BaseModel):
-    """SGLang's ``POST /classify``: formatted texts in, one result per text out."""
+def pooling_answer(shape: str, scores: list[float], tokens: list[int], model: str) -> PoolingResponse:
+    """The answer an engine of ``shape`` gives for these scores (``tokens``: each input's token count).
 
-    model: str | None = Field(None, description="The served model's name (SGLang needs it).")
-    text: list[str] = Field(description="Texts built by PolarTemplate.format.")
+    - lmdeploy: ``data[i].data`` is the score; ``usage`` as lmdeploy's ``UsageInfo.build`` fills it.
+    - vllm: ``data[i].data`` is ``[[score]]``: vLLM's reward models pool every token (``[[v1], ..., [vn]]``) and the
+      score is the last row; this server computes the reward token's row only, so that is the one row it sends
+      (the token count is in ``usage``).
+    """
+    prompt_tokens = sum(tokens)
+    if shape == "vllm":
+        data = [PoolingData(index=i, object="pooling", data=[[s]]) for i, s in enumerate(scores)]
+        usage = PoolingUsage(
+            prompt_tokens=prompt_tokens, total_tokens=prompt_tokens, completion_tokens=0, prompt_tokens_details=None
+        )
+        request_id = f"pooling-{uuid.uuid4().hex}"
+    else:
+        data = [PoolingData(index=i, object="pooling", data=s) for i, s in enumerate(scores)]
+        usage = PoolingUsage(
+            prompt_tokens=prompt_tokens,
+            total_tokens=prompt_tokens,
+            completion_tokens=0,
+            prompt_tokens_details={"cached_tokens": 0},
+            completion_tokens_details=None,
+        )
+        request_id = f"pool-{uuid.uuid4().hex}"
+    created = int(time.time())
+    return PoolingResponse(id=request_id, object="list", created=created, model=model, data=data, usage=usage)
+
+
+# ---------------------------------------------------------------------------------------------------- /classify
+_IDS_SCHEMA = {"type": "array", "items": {"type": "integer"}, "minItems": 1}
+
+
+class ClassifyRequest(BaseModel):
+    """SGLang's ``POST /classify`` (its ``EmbeddingReqInput``): formatted texts, or token ids, in."""
+
+    model: str | None = Field(None, description="The served model's name (SGLang's OpenAI routes need it).")
+    text: str | list[str] | None = Field(None, description="Texts built by PolarTemplate.format.")
+    input_ids: Annotated[
+        list[int] | list[list[int]] | None,
+        WithJsonSchema({"anyOf": [_IDS_SCHEMA, {"type": "array", "items": _IDS_SCHEMA}, {"type": "null"}]}),
+    ] = Field(None, description="Token ids instead of text: one list, or one list per input.")
+
+    @model_validator(mode="after")
+    def _text_or_ids(self) -> ClassifyRequest:
+        if (self.text is None) == (self.input_ids is None):
+            raise ValueError(
+                "send either `text` (texts built by PolarTemplate.format) or `input_ids`, not both and not neither"
+            )
+        return self
+
+    def inputs(self) -> tuple[list[Any], str, bool]:
+        """(the inputs, the field they came from, whether the request sent one input rather than a list): SGLang
+        answers one input with a bare object, a list with a list."""
+        if self.text is not None:
+            return ([self.text], "text", True) if isinstance(self.text, str) else (self.text, "text", False)
+        ids = self.input_ids
+        single = bool(ids) and all(isinstance(t, int) for t in ids)
+        return ([ids] if single else ids), "input_ids", single
 
 
 class ClassifyResult(BaseModel):
-    index: int | None = None
+    index: int | None = Field(None, description="Not sent by SGLang; read when a server sends it.")
     embedding: list[Score] = Field(min_length=1, description="The score is `embedding[0]`.")
     meta_info: dict[str, Any] | None = None
 
 
 class ClassifyResponse(RootModel[list[ClassifyResult]]):
-    """SGLang's answer: one result per text, in order (one text may come back as a bare object)."""
+    """SGLang's answer: one result per text, in order (one text sent as a string comes back as a bare object)."""
+
+
+def classify_answer(scores: list[float], tokens: list[int], started: float) -> list[ClassifyResult]:
+    """One result per input as SGLang's tokenizer manager writes an embedding output: ``embedding`` (the head's
+    one value) and ``meta_info`` (the request id, SGLang's finish reason of a pooling pass, the prompt's token
+    count, the weight version, the latency)."""
+    latency = time.time() - started
+    return [
+        ClassifyResult(
+            embedding=[s],
+            meta_info={
+                "id": uuid.uuid4().hex,
+                "finish_reason": {"type": "length", "length": 0},
+                "prompt_tokens": n,
+                "weight_version": "default",
+                "e2e_latency": latency,
+            },
+        )
+        for s, n in zip(scores, tokens)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------- /tokenize
+class TokenizeRequest(BaseModel):
+    """vLLM's ``POST /tokenize`` (its completion form): how the server tokenizes a text it is sent."""
+
+    model: str | None = None
+    prompt: str = Field(description="A text, e.g. one built by PolarTemplate.format.")
+    add_special_tokens: bool = Field(True, description="Add BOS (as /pooling and /classify do).")
+    return_token_strs: bool | None = Field(False, description="Also return each token's string.")
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int = Field(description="The template's max_length.")
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class EncodeRequest(BaseModel):
+    """lmdeploy's ``POST /v1/encode``: how the server tokenizes texts."""
+
+    input: str | list[str] = Field(description="A text, or several.")
+    do_preprocess: Literal[False] = Field(False, description="lmdeploy's chat template: not applied here.")
+    add_bos: bool = Field(True, description="Add BOS (as /pooling and /classify do).")
+
+
+class EncodeResponse(BaseModel):
+    input_ids: list[int] | list[list[int]]
+    length: int | list[int]
 
 
 # ---------------------------------------------------------------------------------------------------- /get_reward
@@ -299,8 +452,17 @@ class HealthResponse(BaseModel):
     uptime_s: float
 
 
-REQUEST_MODELS = (ScoreRequest, PoolingRequest, ClassifyRequest, GetRewardRequest)
-RESPONSE_MODELS = (ScoreResponse, PoolingResponse, ClassifyResponse, GetRewardResponse, HealthResponse, ErrorEnvelope)
+REQUEST_MODELS = (ScoreRequest, PoolingRequest, ClassifyRequest, GetRewardRequest, TokenizeRequest, EncodeRequest)
+RESPONSE_MODELS = (
+    ScoreResponse,
+    PoolingResponse,
+    ClassifyResponse,
+    GetRewardResponse,
+    TokenizeResponse,
+    EncodeResponse,
+    HealthResponse,
+    ErrorEnvelope,
+)
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -430,10 +592,19 @@ def validate(model: type[BaseModel], payload: Any, endpoint: str, limits: dict |
 _EXAMPLES: dict[type, Any] = {
     ScoreRequest: {"items": [{"prompt": "...", "reference": "...", "candidate": "..."}]},
     PoolingRequest: {"input": ["<formatted text>[UNUSED_TOKEN_130]"]},
+    ClassifyRequest: {"model": "polar", "text": ["<formatted text>[UNUSED_TOKEN_130]"]},
     GetRewardRequest: {"query": ["..."], "prompts": ["..."], "labels": ["..."]},
 }
 
 
-def dumps(model: BaseModel) -> bytes:
-    """An answer as JSON bytes: fields left at None are omitted, non-finite numbers refused (JSON has none)."""
-    return json.dumps(model.model_dump(mode="json", exclude_none=True), ensure_ascii=False, allow_nan=False).encode()
+def dumps(model: BaseModel, as_set: bool = False) -> bytes:
+    """An answer as JSON bytes: fields left at None are omitted, non-finite numbers refused (JSON has none).
+
+    ``as_set``: write exactly the fields that were set, nulls included: how the engine shapes are written, as the
+    engines write some fields as null and leave others out."""
+    payload = (
+        model.model_dump(mode="json", exclude_unset=True)
+        if as_set
+        else model.model_dump(mode="json", exclude_none=True)
+    )
+    return json.dumps(payload, ensure_ascii=False, allow_nan=False).encode()

@@ -19,6 +19,8 @@ DEFAULT_MAX_QUEUE = 1024
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_BATCH_WINDOW_MS = 5.0
 DEFAULT_BODY_TIMEOUT_S = 10.0
+# lmdeploy's: the official POLAR client's first-documented engine, and what /pooling answered before vLLM's shape.
+DEFAULT_POOLING_SHAPE = "lmdeploy"
 API_KEY_ENV = "TRL_POLAR_API_KEY"
 DEFAULT_GRACEFUL_TIMEOUT_S = 60.0
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
@@ -50,6 +52,7 @@ def serve(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    pooling_shape: str = DEFAULT_POOLING_SHAPE,
     device: str | None = None,
     dtype: str | None = None,
     graceful_timeout: float = DEFAULT_GRACEFUL_TIMEOUT_S,
@@ -68,10 +71,16 @@ def serve(
         port: the TCP port.
         max_tokens_per_batch: the most tokens one forward pass runs, which is also what the server collects across
             requests into one scorer call (default: `PolarScorer`'s). Only for a path: a scorer has its own.
+        pooling_shape: how /pooling answers ("lmdeploy": ``data[i].data`` is the score; "vllm": ``[[score]]``);
+            see `trl_polar.serving.app.create_app`.
         device, dtype: passed to `PolarScorer` when ``model`` is a path.
         graceful_timeout: the most seconds shutdown waits for admitted requests.
     """
     check_api_key(api_key)
+    from .protocol import POOLING_SHAPES
+
+    if pooling_shape not in POOLING_SHAPES:  # before the model loads
+        raise ValueError(f"--pooling-shape must be one of {', '.join(POOLING_SHAPES)}, got {pooling_shape!r}.")
     from ..scorer import DEFAULT_MAX_TOKENS_PER_BATCH, PolarScorer
     from .app import create_app
 
@@ -91,6 +100,7 @@ def serve(
         max_body_bytes=max_body_bytes,
         batch_window_ms=batch_window_ms,
         body_timeout_s=body_timeout_s,
+        pooling_shape=pooling_shape,
     )
     _run(app, host, port, graceful_timeout, log_level)
 

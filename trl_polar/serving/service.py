@@ -18,7 +18,7 @@ from ..scorer import Encoded, EncodeError
 from ..template import PolarTemplate
 from .batcher import RETRY_AFTER_S, Batcher
 from .metrics import Metrics
-from .protocol import GetRewardRequest, RequestError, ScoreOptions, ScoreRequest
+from .protocol import POOLING_SHAPES, GetRewardRequest, RequestError, ScoreOptions, ScoreRequest
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class PolarService:
         batch_window_ms: float,
         body_timeout_s: float,
         model_name: str,
+        pooling_shape: str = "lmdeploy",
     ) -> None:
         self.max_queue = positive_int("max_queue", max_queue)
         self.max_body_bytes = positive_int("max_body_bytes", max_body_bytes)
@@ -66,6 +67,9 @@ class PolarService:
         }
         self.api_key = api_key.encode() if api_key else None
         self.model_name = model_name
+        if pooling_shape not in POOLING_SHAPES:
+            raise ValueError(f"`pooling_shape` must be one of {POOLING_SHAPES}, got {pooling_shape!r}.")
+        self.pooling_shape = pooling_shape
         self.in_flight = 0
         self.draining = False
         self.started = time.time()
@@ -218,16 +222,16 @@ class PolarService:
         # Items of one (prompt, reference, wrapper) and one template share their prefix, across requests too.
         return Encoded(enc.input_ids, [(*key, overrides) for key in enc.group_keys], enc.truncated)
 
-    def encode_texts(self, inputs: list[Any], name: str) -> tuple[list[list[int]], list[Any]]:
-        """Ids and group keys of formatted texts (the request's field ``name``), tokenized as an lmdeploy, vLLM or
-        SGLang server does (special tokens on)."""
+    def encode_texts(self, inputs: list[Any], name: str, single: bool = False) -> tuple[list[list[int]], list[Any]]:
+        """Ids and group keys of formatted texts (the request's field ``name``, one input rather than a list when
+        ``single``), tokenized as an lmdeploy, vLLM or SGLang server does (special tokens on)."""
         template = self.template
         texts = [x for x in inputs if isinstance(x, str)]
         encoded = iter(template.tokenizer(texts, add_special_tokens=True)["input_ids"]) if texts else iter(())
         ids, keys = [], []
         for i, value in enumerate(inputs):
             seq = list(next(encoded)) if isinstance(value, str) else list(value)
-            self._check_sequence(seq, f"{name}[{i}]", tokenized=isinstance(value, str))
+            self._check_sequence(seq, name if single else f"{name}[{i}]", tokenized=isinstance(value, str))
             ids.append(seq)
             # The text before the separator is P + "\n" + REF: equal texts there mean a shared prefix.
             if isinstance(value, str) and template.separator in value:
