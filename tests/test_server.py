@@ -62,7 +62,7 @@ def servers(tiny_qwen2_rm_dir):
         # The deprecated --max-batch-tokens still starts the server (it is --max-tokens-per-batch now).
         (
             tiny_qwen2_rm_dir,
-            ("--max-queue", "2", "--batch-window-ms", "400", "--max-batch-tokens", "65536", "--body-timeout", "1.5"),
+            ("--max-queue", "2", "--batch-window-ms", "400", "--max-batch-tokens", "65536", "--body-timeout", "4"),
         ),
     )
     yield {"main": main, "small": small}
@@ -326,7 +326,7 @@ def test_hostile_values_are_refused_before_any_work(servers, body, status, field
 
 def test_slow_senders_cannot_lock_others_out(servers, scorer):
     """Four clients send headers and 11 bytes of a body, then stall: they hold no place in the queue of 2, a
-    normal client is still answered, and each stalled one gets 408 once --body-timeout (1.5 s) has passed."""
+    normal client is still answered, and each stalled one gets 408 once --body-timeout (4 s) has passed."""
     import socket
 
     server = servers["small"]
@@ -345,7 +345,7 @@ def test_slow_senders_cannot_lock_others_out(servers, scorer):
             response = httpx.post(server.url + "/score", json={"items": [item]}, timeout=30)
             assert response.status_code == 200, response.text
             assert_close(response.json()["scores"], expected)
-        assert time.monotonic() - started < 1.5  # answered while the slow ones still hold their connections
+        assert time.monotonic() - started < 4  # answered while the slow ones still hold their connections
         for sock in slow:
             answer = b""
             while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
