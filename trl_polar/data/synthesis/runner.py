@@ -227,6 +227,7 @@ class Synthesizer:
         for i, (row, (a, b)) in enumerate(zip(rows, plan)):
             triple = {role: texts[(i, role)] for role in ROLES}
             states = {role: flags[(i, role)] for role in ROLES}
+            # Dropping empty trajectories and chosen == rejected is ours, not the paper's (counted and logged).
             if any(not t.strip() for t in triple.values()):
                 counts["dropped_empty"] += 1
                 continue
