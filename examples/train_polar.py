@@ -5,6 +5,9 @@ Every PolarConfig / TrainingArguments field is a flag. Single process::
     python examples/train_polar.py --model_name_or_path Qwen/Qwen3-0.6B --train_data pretrain.jsonl \\
         --output_dir polar-rm --per_device_train_batch_size 8 --learning_rate 2e-5 --num_train_epochs 1
 
+``--recipe polar-finetune`` (or ``polar-pretrain`` with ``--params``, ``--base-tokens``, ``--rm-tokens``) starts
+from the paper's hyperparameters instead of TRL's; flags override them.
+
 Several processes (GPUs, or CPU processes with --use_cpu)::
 
     accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml examples/train_polar.py ...

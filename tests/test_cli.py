@@ -77,7 +77,13 @@ def test_errors_are_one_line(tmp_path, tiny_tokenizer_dir):
 def test_scaling_prints_the_papers_numbers():
     out = run_cli("scaling", "--params", "1.8e9", "--base-tokens", "2.5e12", "--rm-tokens", "0.94e12")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["learning rate: 1.4e-05", "batch size: 2021 samples per step"]
+    lines = out.stdout.splitlines()
+    assert "learning rate:   1.429e-05 (peak)" in lines and "batch size:      1940 samples per optimizer step" in lines
+    out = run_cli("scaling", "--params", "7e9", "--base-tokens", "4e12", "--rm-tokens", "3.6e12",
+                  "--tokens-per-sample", "8192")  # fmt: skip
+    lines = out.stdout.splitlines()
+    assert "learning rate:   1.674e-05 (peak)" in lines and "batch size:      4343 samples per optimizer step" in lines
+    assert "steps:           101,187 at 8,192 tokens per sample (3.558e+07 tokens per step)" in lines
 
 
 def test_scaling_fits_a_csv(tmp_path):

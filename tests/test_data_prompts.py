@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from trl_polar.data import DataError, PromptConfig, sample_prompts
+from trl_polar.data.prompts import PAPER_INSTRUCTION_SHARE, default_instruction_share
 
 DATA = Path(__file__).parent / "data"
 DOCS = [json.loads(line)["text"] for line in (DATA / "corpus.jsonl").read_text().splitlines()]
@@ -52,6 +53,21 @@ def test_instruction_share_and_message_prompts(tiny_tokenizer):
         assert row["wrapper"] == "sft" and row["messages"][-1]["role"] == "user"  # trailing answers dropped
         assert row["prompt"] == "\n".join(m["content"] for m in row["messages"])
     assert [row["kind"] for row in result.rows] != ["prefix"] * 6 + ["instruction"] * 2  # the mix is shuffled
+
+
+def test_the_default_mix_is_the_papers_when_there_are_instructions(tiny_tokenizer):
+    docs = [{"text": f"document number {i} says something"} for i in range(200)]
+    instructions = [{"prompt": f"Explain idea {i}."} for i in range(5)]
+    result = sample_prompts(docs, tiny_tokenizer, PromptConfig(num_prompts=200), instructions=instructions)
+    assert result.config.instruction_share == PAPER_INSTRUCTION_SHARE == 0.01
+    assert sum(row["kind"] == "instruction" for row in result.rows) == 2  # 1% of 200
+    # Without instructions (a base-only pool has nobody to answer them) every prompt is a prefix.
+    result = sample_prompts(docs, tiny_tokenizer, PromptConfig(num_prompts=200))
+    assert result.config.instruction_share == 0.0 and {row["kind"] for row in result.rows} == {"prefix"}
+    # build-data knows the pool: instruction prompts need two chat policies to tell apart.
+    assert default_instruction_share(True, num_chat_policies=2) == 0.01
+    assert default_instruction_share(True, num_chat_policies=1) == 0.0
+    assert default_instruction_share(False, num_chat_policies=4) == 0.0
 
 
 def test_duplicate_prompts_are_removed_and_counted(tiny_tokenizer):

@@ -300,3 +300,78 @@ def test_vllm_backend_is_optional_and_says_how_to_install_it():
 
     with pytest.raises(ImportError, match=r"pip install 'trl-polar\[vllm\]'"):
         VLLMBackend()
+
+
+def _sentencepiece_policy(out_dir: Path, bigrams: dict[str, str]) -> str:
+    """A real Llama policy over a SentencePiece-style word tokenizer (Metaspace pre-tokenizer and decoder, as
+    Llama-2, Yi or Gemma) that continues text along `bigrams`: its layers add nothing (zero output projections) and
+    its head reads the current token, so sampling follows the table whatever the temperature."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|reward|>", "[UNUSED_TOKEN_130]"]
+    vocab = {token: i for i, token in enumerate(specials + ["▁Hello", "▁world", "▁again", "▁there"])}
+    model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    model.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    model.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>", additional_special_tokens=specials[4:])  # fmt: skip
+    ids = {"bos_token_id": vocab["<s>"], "eos_token_id": vocab["</s>"], "pad_token_id": vocab["<pad>"]}
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False, **ids)  # fmt: skip
+    lm = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for parameter in lm.parameters():
+            parameter.zero_()
+        lm.model.embed_tokens.weight[:, : len(vocab)] = torch.eye(len(vocab))
+        for name, parameter in lm.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.fill_(1.0)
+        for current, following in bigrams.items():
+            lm.lm_head.weight[vocab[following], vocab[current]] = 30.0
+    lm.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def test_a_sentencepiece_policy_keeps_the_space_where_its_continuation_meets_the_prefix(tmp_path):
+    from trl_polar.template import PolarTemplate
+
+    a = _sentencepiece_policy(tmp_path / "a", {"▁Hello": "▁world", "▁world": "▁again", "▁again": "</s>"})
+    b = _sentencepiece_policy(tmp_path / "b", {"▁Hello": "▁there", "▁there": "</s>"})
+    tokenizer = AutoTokenizer.from_pretrained(a)
+    continuation = tokenizer("▁world again", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(continuation) == ["▁world", "▁again"]
+    assert tokenizer.decode(continuation) == "world again"  # decoded alone, the seam's space is gone
+
+    config = SynthesisConfig(out_dir=str(tmp_path / "out"), policies=[f"a={a}:base", f"b={b}:base"], progress=False,
+                             sampling=SamplingConfig(max_new_tokens=6))  # fmt: skip
+    result = synthesize([{"prompt": "Hello"}], config)
+    (row,) = result.rows()
+    said = {"a": " world again", "b": " there"}
+    assert (row["prompt"], row["kind"], row["wrapper"]) == ("Hello", "prefix", "pretrain")
+    assert (row["reference"], row["chosen"], row["rejected"]) == (
+        said[row["policy_a"]],
+        said[row["policy_a"]],
+        said[row["policy_b"]],
+    )
+    assert row["prompt"] + said["a"] == "Hello world again"
+    assert result.totals["triples"] == 1 and "seam_decoded_alone" not in result.totals
+
+    # The template's 'pretrain' wrapper joins prompt and response directly: it too keeps the space, whether the
+    # response carries it or not (a Metaspace tokenizer encodes " world" and "world" alike); 'sft' is unchanged.
+    template = PolarTemplate(tokenizer)
+    for reference in (" world again", "world again"):
+        assert template.format("Hello", reference, " there", wrapper="pretrain") == (
+            "Hello world again<|reward|>Hello there[UNUSED_TOKEN_130]"
+        )
+    assert (
+        template.format("Hello", "world again", "there")
+        == "Hello\nworld again<|reward|>Hello\nthere[UNUSED_TOKEN_130]"
+    )
+    ids = template.encode("Hello", " world again", " there", wrapper="pretrain")
+    assert tokenizer.convert_ids_to_tokens(ids) == [
+        "<s>", "▁Hello", "▁world", "▁again", "<|reward|>", "▁Hello", "▁there", "[UNUSED_TOKEN_130]"
+    ]  # fmt: skip

@@ -1,6 +1,6 @@
 """The training commands of README.md and docs/training.md, run as written at CPU size.
 
-Each command keeps every flag the docs give (``--bf16 true``, the real ``--max_length``, cosine schedule, warmup),
+Each command keeps every flag the docs give (``--bf16 true``, the recipes and their scaling-law inputs),
 with a tiny backbone and ``--use_cpu`` added; only the model and the data are swapped. A doc command that stops
 working fails here.
 """
@@ -41,18 +41,17 @@ def workdir(tmp_path, tiny_qwen2_lm_dir) -> Path:
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 def test_pretraining_then_fine_tuning_commands_of_docs_training(workdir):
-    # docs/training.md, pre-training (paper §3.3), on ZeRO-2.
-    _run([*ACCELERATE, "--config_file", ZERO2, str(EXAMPLES / "train_polar.py"),
+    # docs/training.md, pre-training (paper §3.3) with the scaling-law recipe, on ZeRO-2.
+    _run([*ACCELERATE, "--config_file", ZERO2, "-m", "trl_polar.cli", "train",
+          "--recipe", "polar-pretrain", "--params", "1.7e9", "--base-tokens", "36e12", "--rm-tokens", "10e9",
           "--model_name_or_path", "lm", "--train_data", "pretrain.jsonl", "--output_dir", "polar-1.7b-base",
-          "--per_device_train_batch_size", "8", "--learning_rate", "2e-5", "--num_train_epochs", "1",
-          "--lr_scheduler_type", "cosine", "--warmup_steps", "0.03", "--max_length", "16384",
-          "--max_response_length", "4096", "--bf16", "true", "--use_cpu"], workdir)  # fmt: skip
+          "--per_device_train_batch_size", "8", "--bf16", "true", "--use_cpu"], workdir)  # fmt: skip
     assert (workdir / "polar-1.7b-base" / "config.json").is_file()
-    # docs/training.md, fine-tuning from it, plain and with LoRA.
+    # docs/training.md, fine-tuning from it with the fine-tuning recipe, plain and with LoRA.
     for extra, out in (([], "polar-1.7b"), (["--use_peft"], "polar-1.7b-lora")):
-        _run([sys.executable, str(EXAMPLES / "train_polar.py"), "--model_name_or_path", "polar-1.7b-base",
-              "--train_data", "rankings.jsonl", "--output_dir", out, "--learning_rate", "1e-5",
-              "--num_train_epochs", "1", "--bf16", "true", *extra, "--use_cpu"], workdir)  # fmt: skip
+        _run([sys.executable, str(EXAMPLES / "train_polar.py"), "--recipe", "polar-finetune", "--params", "1.7e9",
+              "--model_name_or_path", "polar-1.7b-base", "--train_data", "rankings.jsonl", "--output_dir", out,
+              "--bf16", "true", *extra, "--use_cpu"], workdir)  # fmt: skip
         assert any((workdir / out).glob("*.safetensors"))
 
 

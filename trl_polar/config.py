@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 from trl import RewardConfig
 
@@ -29,9 +30,17 @@ class PolarConfig(RewardConfig):
     Every `trl.RewardConfig` / `transformers.TrainingArguments` field is accepted; the fields below are added (and
     ``max_length`` changes meaning: POLAR truncates inputs through its template instead of filtering rows out).
 
+    Plain ``PolarConfig()`` keeps `trl.RewardConfig`'s optimisation defaults: learning_rate 1e-4, 3 epochs, a linear
+    schedule without warmup, AdamW betas (0.9, 0.999), per-device batch 8 without accumulation (and TRL's bf16 and
+    gradient checkpointing). These are not POLAR's: for the paper's hyperparameters (one epoch, betas (0.9, 0.95),
+    3% warmup, cosine decay to 0.1 x lr, the paper's learning rate and global batch) use `from_recipe`. Its own
+    fields below default to the released checkpoints' template (max_length 16384, max_response_length 4096,
+    'sft' wrapper).
+
     Example::
 
         args = PolarConfig(output_dir="polar-rm", batching="shared_prefix", max_length=4096)
+        args = PolarConfig.from_recipe("polar-finetune", output_dir="polar-rm", num_params=1.8e9)
     """
 
     # ---------------------------------------------------------------------------------------------- the template
@@ -157,6 +166,30 @@ class PolarConfig(RewardConfig):
                 "`center_rewards_coefficient` must be >= 0 (TRL recommends 0.01), got "
                 f"{self.center_rewards_coefficient}."
             )
+
+    @classmethod
+    def from_recipe(cls, name: str, **kwargs: Any) -> PolarConfig:
+        """A config with the paper's hyperparameters: ``"polar-pretrain"`` or ``"polar-finetune"``.
+
+        Keyword arguments are the recipe's inputs (``num_params``, ``base_tokens``, ``rm_tokens``,
+        ``global_batch_size``, ``world_size``; see `trl_polar.recipes.recipe_values`) or any config field, which
+        overrides the recipe's value. ``per_device_train_batch_size`` stays as given (default 8) and
+        ``gradient_accumulation_steps`` is set so that per-device batch x accumulation x world size is the
+        paper's global batch (320 for fine-tuning; the scaling law's for pre-training), unless given.
+
+        Example::
+
+            args = PolarConfig.from_recipe("polar-finetune", output_dir="polar-7b", num_params=7e9)  # lr 2e-5
+            args = PolarConfig.from_recipe("polar-pretrain", output_dir="polar-pt", num_params=1.8e9,
+                                           base_tokens=2.5e12, rm_tokens=0.94e12, per_device_train_batch_size=4)
+        """
+        from .recipes import RECIPE_INPUTS, recipe_values
+
+        inputs = {key: kwargs.pop(key) for key in RECIPE_INPUTS if key in kwargs}
+        for key in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps"):
+            if key in kwargs:
+                inputs[key] = kwargs[key]
+        return cls(**{**recipe_values(name, **inputs), **kwargs})
 
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         value = getattr(self, name)

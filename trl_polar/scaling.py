@@ -1,14 +1,15 @@
 """POLAR's scaling laws: learning rate and batch size for reward-model pre-training, and loss-vs-compute fits.
 
-The paper (App. D.1.2) fits, on models of 100M-924M parameters,
+The paper (arXiv:2507.05197, App. D.1.2) fits, on models of 100M-924M parameters,
 
     LR = 2.306e-4 * N^0.01125 * Dp^-0.66587 * Drm^0.33916
-    BS = 31.9032  * N^0.06944 * Drm^0.52997            (samples per step)
+    BS = 31.9032  * N^0.06944 * Drm^0.52997            (samples per optimizer step)
 
 with N the model size, Dp the tokens the base model was pre-trained on and Drm the tokens of reward-model
-pre-training. The paper says "all in millions", but its own numbers (POLAR-1.8B: LR 1.4e-5, batch 1,940;
-POLAR-7B: LR 1.67e-5, batch 4,343) come out only with N in millions of parameters and Dp, Drm in billions of
-tokens. These functions take plain counts and apply those units.
+pre-training. The paper says "all in millions"; its own numbers (POLAR-1.8B: LR 1.4e-5, batch 1,940; POLAR-7B:
+LR 1.67e-5, batch 4,343, App. D.1.2 and Table 6) come out, to four significant figures, with binary units: N in
+units of 2^20 parameters ("mebi-parameters") and Dp, Drm in units of 2^30 tokens ("gibi-tokens"). The functions
+below take plain counts (1.8e9 parameters, 2.5e12 tokens) and convert them to those units.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+PARAMS_UNIT = 2**20  # N is counted in units of 2^20 parameters
+TOKENS_UNIT = 2**30  # Dp and Drm are counted in units of 2^30 tokens
 
 
 def _check_positive(**values: float) -> None:
@@ -25,30 +29,92 @@ def _check_positive(**values: float) -> None:
 
 
 def polar_learning_rate(num_params: float, base_tokens: float, rm_tokens: float) -> float:
-    """The paper's fitted peak learning rate for POLAR pre-training.
+    """The paper's fitted peak learning rate for POLAR pre-training (App. D.1.2).
 
     Args:
-        num_params: model parameters (e.g. 1.8e9).
-        base_tokens: tokens the base model was pre-trained on (e.g. 2.5e12).
-        rm_tokens: tokens of POLAR pre-training (e.g. 0.94e12).
+        num_params: model parameters, a plain count (e.g. 1.8e9); used in units of 2^20.
+        base_tokens: tokens the base model was pre-trained on (e.g. 2.5e12); used in units of 2^30.
+        rm_tokens: tokens of POLAR pre-training (e.g. 0.94e12); used in units of 2^30.
 
-    >>> round(polar_learning_rate(1.8e9, 2.5e12, 0.94e12), 7)
-    1.4e-05
+    >>> f"{polar_learning_rate(1.8e9, 2.5e12, 0.94e12):.4g}"
+    '1.429e-05'
     """
     _check_positive(num_params=num_params, base_tokens=base_tokens, rm_tokens=rm_tokens)
-    n, dp, drm = num_params / 1e6, base_tokens / 1e9, rm_tokens / 1e9
+    n, dp, drm = num_params / PARAMS_UNIT, base_tokens / TOKENS_UNIT, rm_tokens / TOKENS_UNIT
     return 2.306e-4 * n**0.01125 * dp**-0.66587 * drm**0.33916
 
 
-def polar_batch_size(num_params: float, rm_tokens: float) -> int:
-    """The paper's fitted batch size (samples per optimizer step) for POLAR pre-training.
-
-    >>> polar_batch_size(1.8e9, 0.94e12)
-    2021
-    """
+def polar_batch_size_exact(num_params: float, rm_tokens: float) -> float:
+    """The paper's fitted batch size before rounding (e.g. 1,939.7 samples for POLAR-1.8B)."""
     _check_positive(num_params=num_params, rm_tokens=rm_tokens)
-    n, drm = num_params / 1e6, rm_tokens / 1e9
-    return round(31.9032 * n**0.06944 * drm**0.52997)
+    n, drm = num_params / PARAMS_UNIT, rm_tokens / TOKENS_UNIT
+    return 31.9032 * n**0.06944 * drm**0.52997
+
+
+def polar_batch_size(num_params: float, rm_tokens: float) -> int:
+    """The paper's fitted batch size (samples per optimizer step) for POLAR pre-training, rounded.
+
+    >>> polar_batch_size(1.8e9, 0.94e12), polar_batch_size(7e9, 3.6e12)
+    (1940, 4343)
+    """
+    return round(polar_batch_size_exact(num_params, rm_tokens))
+
+
+@dataclass(frozen=True)
+class PretrainingPlan:
+    """The scaling-law recipe of one pre-training run: what `trl-polar scaling` prints."""
+
+    num_params: float
+    base_tokens: float
+    rm_tokens: float
+    learning_rate: float
+    batch_size: int
+    tokens_per_sample: float | None = None
+
+    @property
+    def steps(self) -> int | None:
+        """Optimizer steps to spend `rm_tokens` (one epoch), when the mean tokens per sample is known."""
+        if self.tokens_per_sample is None:
+            return None
+        return math.ceil(self.rm_tokens / (self.batch_size * self.tokens_per_sample))
+
+    def lines(self) -> list[str]:
+        """The plan as printed lines, plain counts and the paper's units side by side."""
+        out = [
+            f"model size:      {self.num_params:.4g} parameters (N = {self.num_params / PARAMS_UNIT:,.1f} x 2^20)",
+            f"base tokens:     {self.base_tokens:.4g} (Dp = {self.base_tokens / TOKENS_UNIT:,.1f} x 2^30)",
+            f"budget:          {self.rm_tokens:.4g} tokens of POLAR pre-training, one epoch "
+            f"(Drm = {self.rm_tokens / TOKENS_UNIT:,.1f} x 2^30)",
+            f"learning rate:   {self.learning_rate:.4g} (peak)",
+            f"batch size:      {self.batch_size} samples per optimizer step",
+        ]
+        if self.steps is not None:
+            out.append(
+                f"steps:           {self.steps:,} at {self.tokens_per_sample:,.0f} tokens per sample "
+                f"({self.batch_size * self.tokens_per_sample:.4g} tokens per step)"
+            )
+        return out
+
+
+def pretraining_plan(
+    num_params: float, base_tokens: float, rm_tokens: float, tokens_per_sample: float | None = None
+) -> PretrainingPlan:
+    """Learning rate, batch size and (with `tokens_per_sample`) steps for pre-training on `rm_tokens` tokens.
+
+    >>> plan = pretraining_plan(7e9, 4.0e12, 3.6e12)
+    >>> f"{plan.learning_rate:.3g}", plan.batch_size
+    ('1.67e-05', 4343)
+    """
+    if tokens_per_sample is not None:
+        _check_positive(tokens_per_sample=tokens_per_sample)
+    return PretrainingPlan(
+        num_params,
+        base_tokens,
+        rm_tokens,
+        polar_learning_rate(num_params, base_tokens, rm_tokens),
+        polar_batch_size(num_params, rm_tokens),
+        tokens_per_sample,
+    )
 
 
 @dataclass(frozen=True)

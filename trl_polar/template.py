@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -302,8 +302,19 @@ class PolarTemplate:
             "reference": PartLength(len(r_ids), len(r_kept)),
             "candidates": [PartLength(len(a), len(b)) for a, b in zip(c_ids, c_kept)],
         }
-        texts = (self._decode(p_kept), self._decode(r_kept), [self._decode(ids) for ids in c_kept])
+        p_text = self._decode(p_kept)
+        texts = (p_text, self._response_text(r_kept, p_kept, p_text, wrapper),
+                 [self._response_text(ids, p_kept, p_text, wrapper) for ids in c_kept])  # fmt: skip
         return texts, lengths
+
+    def _response_text(self, ids: list[int], prompt_ids: list[int], prompt_text: str, wrapper: str) -> str:
+        if wrapper == "pretrain":
+            # The response follows the prompt directly: decode it as it reads there, so that a SentencePiece-style
+            # tokenizer keeps the space at the seam ("sft" puts "\n" between them, as the checkpoints read it).
+            text = decode_after(self._decode, prompt_ids, ids, prompt_text)
+            if text is not None:
+                return text
+        return self._decode(ids)
 
     def _encoding(self, text: str, lengths: dict, index: int) -> PolarEncoding:
         ids = self.tokenizer.encode(text, add_special_tokens=True) + [self.reward_token_id]
@@ -392,6 +403,26 @@ class PolarTemplate:
                 raise ValueError("The model has no `name_or_path` to load its tokenizer from; pass `tokenizer=`.")
             tokenizer = load_tokenizer(source)
         return cls(tokenizer, **params)
+
+
+def decode_after(
+    decode: Callable[[list[int]], str], prefix_ids: Sequence[int], ids: Sequence[int], prefix_text: str | None = None
+) -> str | None:
+    """The text of `ids` as it reads right after `prefix_ids`, or None when the two do not decode apart.
+
+    SentencePiece-style decoders (Metaspace: Llama-2, Yi, Gemma, ...) drop the space of a leading "▁" from the first
+    token of every decode, so text decoded alone loses the space where it continues other text directly
+    ("Hello" + decode("▁world again") gives "Helloworld again"). Decoding prefix and continuation together and
+    cutting the prefix's text off keeps it; byte-level tokenizers give the same text both ways.
+
+    `prefix_text`, when given, is ``decode(prefix_ids)`` already computed.
+
+    >>> decode_after(lambda ids: "".join(chr(i) for i in ids), [72, 105], [32, 33])
+    ' !'
+    """
+    prefix = decode(list(prefix_ids)) if prefix_text is None else prefix_text
+    whole = decode([*prefix_ids, *ids])
+    return whole[len(prefix) :] if whole.startswith(prefix) else None
 
 
 def common_prefix_length(*sequences: Sequence[int]) -> int:

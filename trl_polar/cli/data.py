@@ -25,7 +25,8 @@ _Corpus = _option(list[Path], "Text corpus files (.txt one document per line, .j
 _Out = _option(Path, "Output directory; an unfinished run there resumes.")
 _NumPrompts = _option(int | None, "Prompts to sample (default: one per document).")
 _Instructions = _option(list[Path] | None, "Instruction-prompt files, answered only by chat policies.")
-_InstructionShare = _option(float, "Share of prompts drawn from --instructions.")
+_InstructionShare = _option(float | None, "Share of prompts drawn from --instructions (default: the paper's mix, 0.01 "
+                            "with --instructions and two chat policies in the pool, else 0).")  # fmt: skip
 _TextColumn = _option(str, "Corpus column holding the documents.")
 _InstructionColumn = _option(str, "Instruction column (text or messages).")
 _Tokenizer = _option(str | None, "Tokenizer measuring prefix lengths (default: the first policy's).")
@@ -53,7 +54,7 @@ def build_data_command(
     out: _Out,
     num_prompts: _NumPrompts = None,
     instructions: _Instructions = None,
-    instruction_share: _InstructionShare = 0.0,
+    instruction_share: _InstructionShare = None,
     text_column: _TextColumn = "text",
     instruction_column: _InstructionColumn = "prompt",
     tokenizer: _Tokenizer = None,
@@ -75,11 +76,19 @@ def build_data_command(
     no_progress: _NoProgress = False,
 ) -> None:
     """Synthesise POLAR pre-training triples: prompts from a corpus, answered by a pool of policies (A, A, B)."""
-    from ..data.prompts import PromptConfig
+    from ..data.prompts import PromptConfig, default_instruction_share
     from ..data.synthesis import Policy, SamplingConfig, SynthesisConfig, synthesize
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     pool = [Policy.parse(spec) for spec in policies]
+    if instruction_share is None:
+        chat = sum(p.kind == "chat" for p in pool)
+        instruction_share = default_instruction_share(bool(instructions), chat)
+        if instructions and not instruction_share:
+            logging.getLogger(__name__).warning(
+                "--instructions are not used: the pool has %d chat policies and instruction prompts need two; add "
+                "chat policies or pass --instruction-share.", chat
+            )  # fmt: skip
     prompt_config = PromptConfig(num_prompts=num_prompts, max_prefix_tokens=max_prefix_tokens,
                                  instruction_share=instruction_share, text_column=text_column,
                                  instruction_column=instruction_column, seed=seed)  # fmt: skip

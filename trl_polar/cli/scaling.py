@@ -13,11 +13,16 @@ from .errors import CLIError
 def scaling(
     params: Annotated[float | None, typer.Option(help="Model parameters, e.g. 1.8e9.")] = None,
     base_tokens: Annotated[float | None, typer.Option(help="Tokens the base model was pre-trained on.")] = None,
-    rm_tokens: Annotated[float | None, typer.Option(help="Tokens of POLAR pre-training.")] = None,
+    rm_tokens: Annotated[
+        float | None, typer.Option(help="Tokens of POLAR pre-training (the budget, one epoch).")
+    ] = None,
+    tokens_per_sample: Annotated[
+        float | None, typer.Option(help="Mean tokens of one training sample (a pair), to print the step count.")
+    ] = None,
     fit: Annotated[Path | None, typer.Option(help="A CSV of your runs with columns compute,loss to fit.")] = None,
     plot: Annotated[Path | None, typer.Option(help="With --fit: save a log-log plot here (PNG).")] = None,
 ) -> None:
-    """The paper's learning rate and batch size for POLAR pre-training, or a loss-vs-compute fit of your runs."""
+    """The paper's pre-training recipe (learning rate, batch size, token budget) for a model size, or a loss fit."""
     from .. import scaling as laws
 
     if fit is not None:
@@ -41,6 +46,14 @@ def scaling(
         return
     if params is None or rm_tokens is None:
         raise CLIError("Pass --params and --rm-tokens (and --base-tokens for the learning rate), or --fit runs.csv.")
-    if base_tokens is not None:
-        typer.echo(f"learning rate: {laws.polar_learning_rate(params, base_tokens, rm_tokens):.3g}")
-    typer.echo(f"batch size: {laws.polar_batch_size(params, rm_tokens)} samples per step")
+    if base_tokens is None:
+        typer.echo(f"batch size: {laws.polar_batch_size(params, rm_tokens)} samples per step")
+        typer.echo("learning rate: pass --base-tokens (the tokens the base model was pre-trained on)")
+        return
+    plan = laws.pretraining_plan(params, base_tokens, rm_tokens, tokens_per_sample)
+    for line in plan.lines():
+        typer.echo(line)
+    typer.echo(
+        f"train with:      trl-polar train --recipe polar-pretrain --params {params:g} --base-tokens "
+        f"{base_tokens:g} --rm-tokens {rm_tokens:g} ..."
+    )

@@ -37,6 +37,32 @@ class TrainArguments:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    recipe: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start from POLAR's hyperparameters: 'polar-finetune' (lr 1e-5 / 2e-5 by model size, global "
+            "batch 320) or 'polar-pretrain' (lr and global batch from the scaling laws: needs --params, "
+            "--base-tokens, --rm-tokens). Both: 1 epoch, AdamW betas (0.9, 0.95), 3% warmup, cosine decay to "
+            "0.1 x lr. Values in --config and flags override the recipe's (docs/training.md has the table).",
+            "choices": ["polar-pretrain", "polar-finetune"],
+        },
+    )
+    params: float | None = field(
+        default=None, metadata={"help": "With --recipe: model parameters (e.g. 1.8e9), for the recipe's lr."}
+    )
+    base_tokens: float | None = field(
+        default=None, metadata={"help": "With --recipe polar-pretrain: tokens the base model was pre-trained on."}
+    )
+    rm_tokens: float | None = field(
+        default=None, metadata={"help": "With --recipe polar-pretrain: tokens of POLAR pre-training (the data)."}
+    )
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "With --recipe: samples per optimizer step instead of the recipe's; gradient accumulation is set "
+            "so that per-device batch x accumulation x processes equals it."
+        },
+    )
 
 
 def train_parser():
@@ -49,17 +75,51 @@ def train_parser():
 
 
 def parse_train_args(argv: Sequence[str], config_file: str | None = None) -> tuple[TrainArguments, PolarConfig]:
-    """Flags over a YAML file: values in `config_file` become defaults that flags in `argv` override."""
+    """Flags over a YAML file over a recipe: values in `config_file` become defaults that flags in `argv` override,
+    and a ``recipe`` (flag or file) supplies the defaults of the fields neither sets."""
     parser = train_parser()
+    values = {}
     if config_file is not None:
         values = read_config_file(config_file, {action.dest: action for action in parser._actions})
-        parser.set_defaults(**values)
-        # A value in the file satisfies a field that is otherwise required on the command line.
-        for action in parser._actions:
-            if action.dest in values:
-                action.required = False
+    script, config = _parse(parser, argv, values)
+    if script.recipe is None:
+        return script, config
+    from ..recipes import recipe_values
+
+    explicit = _explicit_fields(parser, argv, values)
+    recipe = recipe_values(
+        script.recipe,
+        num_params=script.params,
+        base_tokens=script.base_tokens,
+        rm_tokens=script.rm_tokens,
+        global_batch_size=script.global_batch_size,
+        learning_rate=config.learning_rate if "learning_rate" in explicit else None,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=(
+            config.gradient_accumulation_steps if "gradient_accumulation_steps" in explicit else None
+        ),
+    )
+    logger.info("recipe %s: %s", script.recipe, {k: v for k, v in recipe.items() if k not in explicit})
+    parser = train_parser()
+    parser.set_defaults(**recipe)
+    return _parse(parser, argv, values)
+
+
+def _parse(parser: Any, argv: Sequence[str], values: dict[str, Any]) -> tuple[TrainArguments, PolarConfig]:
+    parser.set_defaults(**values)
+    # A value in the file satisfies a field that is otherwise required on the command line.
+    for action in parser._actions:
+        if action.dest in values:
+            action.required = False
     script, config = parser.parse_args_into_dataclasses(args=list(argv))
     return script, config
+
+
+def _explicit_fields(parser: Any, argv: Sequence[str], values: dict[str, Any]) -> set[str]:
+    """The fields the user set, in the file or as flags (``--name value``, ``--name=value``, ``--no_name``)."""
+    options = parser._option_string_actions
+    flags = {options[arg.split("=", 1)[0]].dest for arg in argv if arg.split("=", 1)[0] in options}
+    return flags | set(values)
 
 
 def read_config_file(path: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -157,6 +217,8 @@ def train(
     config: Annotated[Path | None, typer.Option(help="A YAML file of field: value; flags override it.")] = None,
 ) -> None:
     """Train a POLAR reward model. Every PolarConfig / TrainingArguments field is a flag (see --help).
+
+    --recipe polar-finetune | polar-pretrain starts from the paper's hyperparameters; flags override them.
 
     Multi-process: accelerate launch --config_file CFG -m trl_polar.cli train --config train.yaml
     """

@@ -13,7 +13,7 @@ import os
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..checks import check_positive_int
@@ -23,6 +23,10 @@ from .io import DataError
 logger = logging.getLogger(__name__)
 
 KINDS = ("prefix", "instruction")
+# The paper's mix (App. D.1.1): of the 3.60T pre-training tokens, 0.04T come from chat policies answering human
+# instructions and 3.56T from base policies continuing prefixes. It gives no share of prompts; the token share,
+# 1.1%, rounded, is the default share of instruction prompts wherever chat policies answer them.
+PAPER_INSTRUCTION_SHARE = 0.01
 # A token is rarely longer than this many characters; tokenizing only the start of a long document keeps sampling
 # fast on book-length texts (the whole document is tokenized when the start turns out to be too short).
 _CHARS_PER_TOKEN_BOUND = 16
@@ -40,9 +44,13 @@ class PromptConfig:
         default=1024, metadata={"help": "The longest prefix, in tokens of the sampling tokenizer (paper: 1024)."}
     )
     min_prefix_tokens: int = field(default=1, metadata={"help": "The shortest prefix, in tokens (paper: 1)."})
-    instruction_share: float = field(
-        default=0.0,
-        metadata={"help": "Share of prompts drawn from the instruction set (0..1); only chat policies answer them."},
+    instruction_share: float | None = field(
+        default=None,
+        metadata={
+            "help": "Share of prompts drawn from the instruction set (0..1); only chat policies answer them. None: "
+            f"the paper's mix, {PAPER_INSTRUCTION_SHARE} when an instruction set is given (and, in build-data, the "
+            "pool has two chat policies), else 0: base policies continue prefixes only."
+        },
     )
     text_column: str = field(default="text", metadata={"help": "Corpus column holding the document text."})
     instruction_column: str = field(
@@ -62,8 +70,16 @@ class PromptConfig:
                 f"Need 1 <= min_prefix_tokens <= max_prefix_tokens, got {self.min_prefix_tokens} and "
                 f"{self.max_prefix_tokens}."
             )
-        if not 0.0 <= self.instruction_share <= 1.0:
+        if self.instruction_share is not None and not 0.0 <= self.instruction_share <= 1.0:
             raise ValueError(f"`instruction_share` must lie in [0, 1], got {self.instruction_share!r}.")
+
+
+def default_instruction_share(has_instructions: bool, num_chat_policies: int | None = None) -> float:
+    """The paper's share of instruction prompts: `PAPER_INSTRUCTION_SHARE` when there are instructions to draw
+    and (if the pool is known) at least two chat policies to answer them, else 0 (base policies take prefixes only).
+    """
+    chat_pool = num_chat_policies is None or num_chat_policies >= 2
+    return PAPER_INSTRUCTION_SHARE if has_instructions and chat_pool else 0.0
 
 
 @dataclass
@@ -178,7 +194,8 @@ def sample_prompts(corpus: Any, tokenizer: Any, config: PromptConfig | None = No
     Args:
         corpus: documents (see `load_corpus`), read from ``config.text_column``.
         tokenizer: the tokenizer that measures prefix lengths (any Hugging Face tokenizer).
-        config: sampling settings; defaults as in the paper (1..1024-token prefixes, no instructions).
+        config: sampling settings; defaults as in the paper (1..1024-token prefixes; with an instruction set, 1% of
+            the prompts are instructions, see `PAPER_INSTRUCTION_SHARE`).
         instructions: an optional instruction set (see `load_corpus`), read from ``config.instruction_column``.
 
     Documents are visited in a seeded random order; empty documents and exact duplicate prompts are skipped and
@@ -187,6 +204,9 @@ def sample_prompts(corpus: Any, tokenizer: Any, config: PromptConfig | None = No
     config = config or PromptConfig()
     docs = load_corpus(corpus, config.text_column)
     instr = load_corpus(instructions, config.instruction_column) if instructions is not None else None
+    if config.instruction_share is None:
+        config = replace(config, instruction_share=default_instruction_share(instr is not None))
+        logger.info("instruction_share: %s (the paper's mix)", config.instruction_share)
     if config.instruction_share > 0 and instr is None:
         raise DataError(
             f"instruction_share={config.instruction_share} needs an instruction set: pass instructions= "

@@ -23,10 +23,12 @@ class Request:
 
 @dataclass(frozen=True)
 class Generation:
-    """A sampled trajectory: its new token ids (EOS excluded) and whether it ended by EOS (not the length cap)."""
+    """A sampled trajectory: its new token ids (EOS excluded), whether it ended by EOS (not the length cap), and the
+    prompt ids the policy continued (None if the backend does not say; the trajectory is then decoded alone)."""
 
     token_ids: list[int]
     finished: bool
+    prompt_token_ids: list[int] | None = None
 
 
 class GenerationBackend(Protocol):
@@ -141,7 +143,7 @@ class TransformersBackend:
             new = out[:, padded["input_ids"].shape[1] :].tolist()
             for i, ids in zip(batch, new):
                 end = next((j for j, t in enumerate(ids) if t in eos), None)
-                results[i] = Generation(ids if end is None else ids[:end], end is not None)
+                results[i] = Generation(ids if end is None else ids[:end], end is not None, encoded[i])
         return results
 
     def decode(self, policy, token_ids):
@@ -202,7 +204,10 @@ class VLLMBackend:
                 )
             )
         outputs = llm.generate(prompts, params, use_tqdm=False)
-        return [Generation(list(o.outputs[0].token_ids), o.outputs[0].finish_reason == "stop") for o in outputs]
+        return [
+            Generation(list(o.outputs[0].token_ids), o.outputs[0].finish_reason == "stop", p["prompt_token_ids"])
+            for o, p in zip(outputs, prompts)
+        ]
 
     def decode(self, policy, token_ids):
         return self._load(policy).get_tokenizer().decode(token_ids, skip_special_tokens=True)

@@ -17,10 +17,11 @@ import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ...template import flatten
+from ...template import decode_after, flatten
 from ..io import DataError, read_rows
 from ..prompts import PromptSet
 from ..trimming import trim_incomplete_ending, trim_loop
@@ -220,12 +221,13 @@ class Synthesizer:
             generations = self.backend.generate(policy, inputs, sampling, derive_seed(config.seed, index, policy.name))
             counts["generations"] += len(generations)
             for (i, role), generation in zip(work, generations):
-                texts[(i, role)], flags[(i, role)] = self._clean(policy, generation, counts)
+                texts[(i, role)], flags[(i, role)] = self._clean(policy, generation, counts, rows[i]["kind"])
 
         out = []
         for i, (row, (a, b)) in enumerate(zip(rows, plan)):
             triple = {role: texts[(i, role)] for role in ROLES}
             states = {role: flags[(i, role)] for role in ROLES}
+            # Dropping empty trajectories and chosen == rejected is ours, not the paper's (counted and logged).
             if any(not t.strip() for t in triple.values()):
                 counts["dropped_empty"] += 1
                 continue
@@ -261,7 +263,7 @@ class Synthesizer:
             "max_new_tokens": sampling.max_new_tokens,
         }
 
-    def _clean(self, policy: Policy, generation: Generation, counts: Counter) -> tuple[str, str]:
+    def _clean(self, policy: Policy, generation: Generation, counts: Counter, kind: str) -> tuple[str, str]:
         sampling = self.config.sampling
         ids, state = generation.token_ids, []
         if sampling.trim_loops:
@@ -275,7 +277,7 @@ class Synthesizer:
             if trimmed:
                 counts["loops_trimmed"] += 1
                 state.append("loop")
-        text = self.backend.decode(policy, ids)
+        text = self._decode(policy, generation, ids, kind, counts)
         # A trimmed loop was cut on purpose; only a trajectory that ran into the length cap has an incomplete end.
         if not generation.finished and "loop" not in state:
             counts["hit_max_new_tokens"] += 1
@@ -290,6 +292,21 @@ class Synthesizer:
             else:
                 state.append("unfinished")
         return text, "+".join(state)
+
+    def _decode(self, policy: Policy, generation: Generation, ids: list[int], kind: str, counts: Counter) -> str:
+        """The trajectory's text. A prefix prompt's continuation is decoded after the prompt's ids: decoded alone, a
+        SentencePiece-style policy drops the space at the seam ("Hello" + "▁world" reads "Helloworld"), and the
+        'pretrain' wrapper joins prompt and continuation with nothing between them."""
+        decode = partial(self.backend.decode, policy)
+        if kind != "prefix" or generation.prompt_token_ids is None:
+            return decode(ids)  # an instruction's answer starts its own text (after the chat template)
+        text = decode_after(decode, generation.prompt_token_ids, ids)
+        if text is None:
+            # The prompt's text changed when decoded together with the continuation (a tokenizer that merges text
+            # across the seam): keep the continuation decoded alone, and count it.
+            counts["seam_decoded_alone"] += 1
+            return decode(ids)
+        return text
 
 
 def synthesize(

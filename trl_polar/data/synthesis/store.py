@@ -27,7 +27,9 @@ from ..io import DataError, atomic_write_json, write_rows
 logger = logging.getLogger(__name__)
 
 RUN_FILE, MANIFEST_FILE = "run.json", "manifest.json"
-FORMAT_VERSION = 1
+# Part of a run's settings, so that a run is never resumed by code that writes other triples. 2: a prefix prompt's
+# continuation is decoded after the prompt's ids (the space at the seam is kept).
+FORMAT_VERSION = 2
 
 
 def shard_name(index: int, suffix: str) -> str:
