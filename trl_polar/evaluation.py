@@ -156,8 +156,9 @@ def stratified_sample(
     size (largest remainders), with at least one row of every value while ``max_rows`` allows.
 
     >>> rows = [{"category": "a"}] * 6 + [{"category": "b"}] * 3 + [{"category": "c"}]
-    >>> [rows[i]["category"] for i in stratified_sample(rows, 5)]
-    ['a', 'a', 'a', 'b', 'c']
+    >>> picked = stratified_sample(rows, 5)
+    >>> " ".join(row["category"] for i, row in enumerate(rows) if i in picked)
+    'a a a b c'
     """
     if max_rows < 1:
         raise ValueError(f"`max_rows` must be at least 1, got {max_rows}.")
