@@ -234,3 +234,28 @@ def test_an_answer_that_cannot_be_built_is_skipped_with_its_row_logged(tiny_qwen
     report = evaluate(PolarScorer(tiny_qwen2_rm_dir, device="cpu"), rows)
     assert (report.num_rows, report.rows_read, report.skipped) == (1, 2, {"not_text": 1})
     assert "Row 1 cannot be judged (not_text)" in caplog.text
+
+
+def test_evaluate_command_on_converted_rmb_rows_with_a_sample(tmp_path, tiny_qwen2_rm_dir):
+    import subprocess
+    import sys
+
+    from trl_polar.data import convert, write_rows
+
+    data = tmp_path / "rmb.jsonl"
+    write_rows(convert("rmb", DATA / "rmb").rows, data)
+    out = subprocess.run(
+        [sys.executable, "-m", "trl_polar.cli", "evaluate", "--model", tiny_qwen2_rm_dir, "--data", str(data),
+         "--out", str(tmp_path / "report"), "--max-rows", "2"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["protocol"] == "pairwise" and report["num_rows"] == 2
+    assert report["sample"] == {"rows": 2, "from_rows": 6, "seed": 0, "stratified_by": "category"}
+    assert {k: v["rows"] for k, v in report["per_category"].items()} == {
+        "Harmlessness/S1": 1, "Helpfulness/Chat/Discussion": 1
+    }  # fmt: skip
+    assert sorted(report["category_rollup"]) == ["Harmlessness", "Helpfulness", "Helpfulness/Chat"]
+    assert report["throughput"]["items_scored"] == 6  # the reference and the two answers of each sampled pair
+    assert "POLAR evaluation: 100%" in out.stderr and "- stratified sample: 2 of 6 rows (seed 0)" in out.stdout
