@@ -102,7 +102,7 @@ def test_bad_data_is_explained():
         evaluate(None, [])
 
 
-def test_rows_that_cannot_be_judged_are_skipped_and_counted(model_and_template):
+def test_rows_that_cannot_be_judged_are_skipped_and_counted(model_and_template, caplog):
     model, template = model_and_template
     rows = [
         {"prompt": "p", "reference": "gold", "candidates": ["a", "b", "c"]},
@@ -113,6 +113,7 @@ def test_rows_that_cannot_be_judged_are_skipped_and_counted(model_and_template):
     ]
     report = evaluate(PolarScorer(model, template), rows)
     assert report.rows_read == 5 and report.num_rows == 2
+    assert "Row 2 cannot be judged (missing_reference)" in caplog.text  # the row's place in the input
     assert report.skipped == {"candidates_fewer_than_2": 1, "missing_reference": 1, "not_text": 1}
     expected = 0
     for r in (rows[0], rows[4]):

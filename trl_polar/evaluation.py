@@ -248,13 +248,13 @@ def evaluate(
     elif protocol not in PROTOCOLS:
         raise ValueError(f"`protocol` must be 'auto' or one of {PROTOCOLS}, got {protocol!r}.")
     _check_columns(rows[0].keys(), protocol)
-    sample = None
+    sample, numbers = None, range(len(rows))  # numbers: each row's place in the input, for messages
     if max_rows is not None and max_rows < len(rows):
-        picked = stratified_sample(rows, max_rows, category_column, seed)
-        sample = {"rows": len(picked), "from_rows": len(rows), "seed": seed, "stratified_by": category_column}
-        rows = [rows[i] for i in picked]
-    judged, groups, skipped = [], [], Counter()
-    for i, row in enumerate(rows):
+        numbers = stratified_sample(rows, max_rows, category_column, seed)
+        sample = {"rows": len(numbers), "from_rows": len(rows), "seed": seed, "stratified_by": category_column}
+        rows = [rows[i] for i in numbers]
+    judged, groups, judged_numbers, skipped = [], [], [], Counter()
+    for i, row in zip(numbers, rows, strict=True):
         parsed = _answers(row, protocol)
         if isinstance(parsed, str):
             skipped[parsed] += 1
@@ -263,11 +263,14 @@ def evaluate(
             continue
         judged.append(row)
         groups.append(parsed)
+        judged_numbers.append(i)
     if skipped:
         logger.warning("Skipped %d of %d rows that cannot be judged: %s", skipped.total(), len(rows), dict(skipped))
     if not groups:
         raise ValueError(f"None of the {len(rows)} rows can be judged under the {protocol} protocol: {dict(skipped)}.")
-    per_group, throughput = _score_groups(scorer, groups, protocol, wrapper, show_progress, chunk_items)
+    per_group, throughput = _score_groups(
+        scorer, groups, judged_numbers, protocol, wrapper, show_progress, chunk_items
+    )
     correct, margins, ties = [], [], 0
     scores_by_rank: dict[str, list[float]] = defaultdict(list)
     self_scores = []
@@ -319,6 +322,7 @@ def _answer_column(protocol: str, position: int) -> str:
 def _score_groups(
     scorer: Scorer,
     groups: list[tuple[Any, Any, list[Any]]],
+    numbers: list[int],
     protocol: str,
     wrapper: str,
     show_progress: bool,
@@ -363,7 +367,9 @@ def _score_groups(
         except EncodeError as err:
             g, position = origin[chunk[err.index]]
             bar.close()
-            raise ValueError(f"Row {g}, column `{_answer_column(protocol, position)}`: {err.reason}") from None
+            raise ValueError(
+                f"Row {numbers[g]}, column `{_answer_column(protocol, position)}`: {err.reason}"
+            ) from None
         if len(got) != len(chunk):
             bar.close()
             raise ValueError(f"The scorer returned {len(got)} scores for {len(chunk)} items.")
