@@ -12,7 +12,8 @@ does not contain it is judged, r(p, ref, chosen) > r(p, ref, rejected).
 - Every record is converted or counted under one reason, so the counts add up to the records read:
   pairs: ``rows`` + ``pairs_skipped_identical_answers`` + ``pairs_skipped_no_bon_best`` +
   ``pairs_skipped_containing_reference``; BoN records: ``bon_records_reference`` + ``bon_records_other_best`` +
-  ``bon_records_skipped_no_pairs``; plus ``skipped_*`` for malformed records with ``skip_invalid``.
+  ``bon_records_skipped_no_pairs``; besides, ``skipped_*`` counts malformed records (with ``skip_invalid``) and
+  ``duplicate_records_removed`` records read twice.
 """
 
 from __future__ import annotations
