@@ -13,8 +13,6 @@ from trl_polar.cli import app
 from trl_polar.data import DataError, convert, read_rows
 
 DATA = Path(__file__).parent / "data"
-EGG = [{"role": "user", "content": "How do I boil an egg?"}]
-BEST_EGG = "Simmer it for 9 minutes, then cool it in cold water."
 
 
 def test_k_way_rankings_give_reference_best_and_all_pairs_below_it():
@@ -80,28 +78,94 @@ def test_hh_rlhf_gives_rl_prompts_with_chosens_last_turn_as_reference():
     assert result.counts["duplicate_rows_removed"] == 1
 
 
-def test_rmb_pairwise_uses_the_top_answer_as_reference():
-    result = convert("rmb-pairwise", DATA / "rmb_pairwise.json")
-    assert [(r["id"], r["reference"], r["chosen"], r["rejected"]) for r in result.rows] == [
-        ("102", BEST_EGG, "Put it in water and heat it.", "Microwave it in its shell."),
-        ("103", BEST_EGG, "Boil water, add the egg, wait 8-10 minutes.", "Microwave it in its shell."),
-    ]
-    assert result.rows[0]["prompt"] == EGG and result.rows[0]["category"].endswith("Casual Conversation")
-    # Pairs 101 and 104 contain the reference; the haiku prompt has a single pair, which contains its top answer.
-    assert result.counts["pairs_containing_reference"] == 3 and result.counts["prompts_without_triples"] == 1
+RMB = DATA / "rmb"  # Pairwise_set/ and BoN_set/ as in Zhou-Zoey/RMB-Reward-Model-Benchmark's RMB_dataset/
+EGG_ANSWERS = ["Simmer it for 9 minutes, then cool it in cold water.", "Boil water, add the egg, wait 8-10 minutes.",
+               "Put it in water and heat it.", "Microwave it in its shell."]  # fmt: skip
+ROME = ["Lunch in Trastevere, then the Pantheon.", "Eat near Campo de' Fiori, then the Pantheon.", "Eat somewhere.",
+        "Rome is in Italy."]  # fmt: skip
+RMB_COUNTS = {
+    "pairwise_records_read": 14,
+    "bon_records_read": 7,
+    # pairs: rows + identical + no BoN best + containing the reference = 6 + 1 + 2 + 5 = 14
+    "rows": 6,
+    "pairs_skipped_identical_answers": 1,
+    "pairs_skipped_no_bon_best": 2,
+    "pairs_skipped_containing_reference": 5,
+    # BoN records: the reference's + another best + no pairs to judge = 4 + 2 + 1 = 7
+    "bon_records_reference": 4,
+    "bon_records_other_best": 2,
+    "bon_records_skipped_no_pairs": 1,
+    "bon_losers_equal_to_best_removed": 1,
+    "conversations": 6,
+    "conversations_judged": 3,
+    "conversations_all_pairs_contain_reference": 1,
+    "conversations_without_pairs": 1,
+    "conversations_without_bon_best": 1,
+    "conversations_reference_tie_first_read": 1,
+}
 
 
-def test_rmb_best_of_n_rows():
-    result = convert("rmb-bon", DATA / "rmb_bon.json")
-    assert [(r["id"], r["reference"], r["candidates"]) for r in result.rows] == [
-        ("3001", BEST_EGG, ["Boil water, add the egg, wait 8-10 minutes.", "Put it in water and heat it.",
-                            "Microwave it in its shell."]),
-        ("3003", BEST_EGG, ["Put it in water and heat it.", "Microwave it in its shell.", "Eggs cannot be boiled."]),
+def test_rmb_directory_with_defaults_gives_pairs_judged_against_a_bon_best():
+    result = convert("rmb", RMB)
+    e1, e2, e3, e4 = EGG_ANSWERS
+    f1, f2, f3, f4 = ROME
+    assert [(r["id"], r["reference_id"], r["reference"], r["chosen"], r["rejected"], r["category"])
+            for r in result.rows] == [
+        ("205", "3007", "I won't write that; it would harm her.", "I can't help with that.", "\n\n \n \n",
+         "Harmlessness/S1"),  # a blank answer is an answer the benchmark judges
+        # The egg: BoN 3001's best never loses, so it is the reference; pairs 101 and 105 hold it, 106 is E3 vs E3.
+        ("102", "3001", e1, e2, e3, "Helpfulness/Chat/Discussion"),
+        ("103", "3001", e1, e2, e4, "Helpfulness/Chat/Discussion"),
+        ("104", "3001", e1, e3, e4, "Helpfulness/Chat/Discussion"),
+        # Rome: two bests, neither beaten, each winning twice: the first read (BoN 3003) is the reference.
+        ("111", "3003", f2, f1, f3, "Helpfulness/Chat/Discussion"),
+        ("113", "3003", f2, f3, f4, "Helpfulness/Chat/Discussion"),
     ]  # fmt: skip
+    assert result.rows[4]["prompt"] == [
+        {"role": "user", "content": "Plan a day in Rome."},
+        {"role": "assistant", "content": "Morning: the Colosseum. Afternoon?"},
+        {"role": "user", "content": "Add somewhere to eat."},
+    ]  # multi-turn, the 'language' keys dropped
+    assert dict(result.counts) == RMB_COUNTS
     from trl_polar.evaluation import detect_protocol
 
-    assert detect_protocol(result.rows[0]) == "best_of_n"  # what `trl-polar evaluate` reads
-    assert result.counts["records_best_is_reference"] == 1  # record 3002's winner is the reference itself
+    assert detect_protocol(result.rows[0]) == "pairwise"  # what `trl-polar evaluate` reads
+
+
+def test_rmb_files_in_any_order_give_the_same_rows():
+    files = sorted(RMB.rglob("*.json"), reverse=True)
+    rows = convert("rmb", files).rows
+    assert sorted(r["id"] for r in rows) == ["102", "103", "104", "111", "113", "205"]
+    assert {r["reference_id"] for r in rows if r["id"] in ("111", "113")} == {"3003"}  # the tie: first read wins
+
+
+def test_rmb_pairwise_files_alone_judge_nothing_and_say_why():
+    result = convert("rmb", RMB / "Pairwise_set")
+    assert result.rows == []
+    assert result.counts["pairs_skipped_no_bon_best"] == 13 and result.counts["pairs_skipped_identical_answers"] == 1
+
+
+def test_rmb_bad_records_name_file_and_line(tmp_path):
+    records = json.loads((RMB / "Pairwise_set/Harmlessness/S1.json").read_text())
+    records[1]["reject"] = {"llm_name": "model-b", "score": 2}
+    records.append({"pair_uid": "9", "question": "?"})
+    bad = tmp_path / "S1.json"
+    bad.write_text(json.dumps(records, indent=1))
+    line = bad.read_text().splitlines().index(" {", 2) + 1  # the second record opens here
+    with pytest.raises(DataError, match=rf"S1.json:{line}: 'chosen' and 'reject' must be objects with an 'answer'"):
+        convert("rmb", bad)
+    result = convert("rmb", bad, skip_invalid=True)
+    assert result.counts["skipped_bad_field"] == 1 and result.counts["skipped_not_rmb"] == 1
+    with pytest.raises(ValueError, match="'rmb-pairwise' is gone: RMB's Pairwise_set and BoN_set files are read"):
+        convert("rmb-pairwise", bad)
+
+
+def test_rmb_through_the_cli(tmp_path):
+    out = tmp_path / "rmb.jsonl"
+    result = CliRunner().invoke(app, ["convert-data", str(RMB), "--format", "rmb", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["counts"] == RMB_COUNTS
+    assert [r["id"] for r in read_rows(out)] == ["205", "102", "103", "104", "111", "113"]
 
 
 def test_trl_preference_rows_with_a_reference_column(tmp_path):

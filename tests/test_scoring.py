@@ -189,6 +189,22 @@ def test_score_file_roundtrip(tmp_path, tiny_qwen2_rm_dir):
         score_file(tiny_qwen2_rm_dir, missing, tmp_path / "x.jsonl", device="cpu")
 
 
+def test_score_file_reads_a_json_array_as_evaluate_does(tmp_path, tiny_qwen2_rm_dir):
+    rows = [{"prompt": p, "reference": r, "output": c} for p, r, c in zip(PROMPTS[:3], REFERENCES[:3], CANDIDATES[:3])]
+    data = tmp_path / "in.json"
+    data.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    summary = score_file(tiny_qwen2_rm_dir, data, out, device="cpu", show_progress=False)
+    expected = PolarScorer(tiny_qwen2_rm_dir, device="cpu").score(PROMPTS[:3], REFERENCES[:3], CANDIDATES[:3])
+    assert [json.loads(line)["reward"] for line in out.read_text().splitlines()] == pytest.approx(expected, abs=1e-6)
+    assert summary["rows"] == 3
+    rows[1].pop("reference")
+    data.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    line = data.read_text().splitlines().index(" {", 2) + 1  # where the second record opens
+    with pytest.raises(ValueError, match=rf"in.json:{line} has no 'reference' value"):
+        score_file(tiny_qwen2_rm_dir, data, tmp_path / "x.jsonl", device="cpu")
+
+
 def test_parallel_encoding_matches_serial(tiny_qwen2_rm_dir):
     model, template = _load(tiny_qwen2_rm_dir)
     prompts = [f"prompt {i % 5}: " + "the quick brown fox " * (i % 3 + 1) for i in range(40)]

@@ -115,7 +115,9 @@ def _sample(corpus: list[Path], instructions: list[Path] | None, tokenizer: str,
 
 
 def convert_data_command(
-    inputs: Annotated[list[Path], typer.Argument(help="Input files (.jsonl, .json, .parquet), read in order.")],
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Input files (.jsonl, .json, .parquet) or directories (read recursively).")
+    ],
     input_format: Annotated[str, typer.Option("--format", help=f"Input format: {' | '.join(FORMATS)}.")],
     out: Annotated[Path, typer.Option(help="Output rows (.jsonl or .parquet).")],
     listwise_out: Annotated[

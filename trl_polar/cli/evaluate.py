@@ -21,6 +21,10 @@ def evaluate(
     category_column: Annotated[str, typer.Option(help="Report accuracy per value of this column.")] = "category",
     max_tokens_per_batch: Annotated[int, typer.Option(help="Token budget of one scoring micro-batch.")] = 32768,
     plots: Annotated[bool, typer.Option(help="Write PNG plots (needs matplotlib).")] = True,
+    max_rows: Annotated[
+        int | None, typer.Option(help="Judge a sample of this many rows, stratified by the category column.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the --max-rows sample.")] = 0,
 ) -> None:
     """Accuracy of a POLAR reward model on pairwise, best-of-N or RMB-style data, with a report and plots."""
     from ..data.loading import load_preference_dataset
@@ -33,14 +37,23 @@ def evaluate(
     if model is not None:
         from ..scorer import PolarScorer
 
-        scorer = PolarScorer(model, max_tokens_per_batch=max_tokens_per_batch, dtype="auto", show_progress=True)
+        # The evaluation's own bar spans the whole run; the scorer's would restart at every scoring call.
+        scorer = PolarScorer(model, max_tokens_per_batch=max_tokens_per_batch, dtype="auto", show_progress=False)
     else:
         from ..serving.client import PolarClient
 
         scorer = PolarClient(url=url)
     rows = load_preference_dataset(data, split=split)
     try:
-        report = run_evaluation(scorer, rows, protocol=protocol, category_column=category_column)
+        report = run_evaluation(
+            scorer,
+            rows,
+            protocol=protocol,
+            category_column=category_column,
+            max_rows=max_rows,
+            seed=seed,
+            show_progress=True,
+        )
     except ValueError as err:
         raise CLIError(f"{data}: {err}") from None
     paths = write_report(report, out, plots=plots)

@@ -12,7 +12,9 @@ from .errors import CLIError
 
 
 def score(
-    data: Annotated[Path, typer.Option(help="JSON lines: prompt, reference and the answer (output, candidate, ...).")],
+    data: Annotated[
+        Path, typer.Option(help="A .jsonl or .json file: prompt, reference and the answer (output, candidate, ...).")
+    ],
     output: Annotated[Path, typer.Option(help="Output JSON lines: each input row plus 'reward'.")],
     model: Annotated[str | None, typer.Option(help="A POLAR reward model to score with locally.")] = None,
     url: Annotated[str | None, typer.Option(help="Or a trl-polar server to score with.")] = None,
@@ -23,7 +25,7 @@ def score(
     dtype: Annotated[str, typer.Option(help="auto (bf16 on a capable GPU), bf16 or fp32.")] = "auto",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: this rank's).")] = None,
 ) -> None:
-    """Score a JSON-lines file with a POLAR reward model, with a progress bar."""
+    """Score a JSON-lines (or JSON array) file with a POLAR reward model, with a progress bar."""
     from ..score_file import ScoringInterrupted, score_file
 
     if (model is None) == (url is None):

@@ -6,8 +6,6 @@ Outputs (strings or message lists, as the input had them):
   pairwise rows `PolarRewardTrainer` and the evaluation read;
 - listwise rows: ``prompt, reference, candidates`` (best first, k >= 2), for the listwise loss;
 - RL rows (HH-RLHF): ``prompt, reference``, for a GRPO/RLOO dataset with a ``reference`` column;
-- best-of-N rows (RMB BoN): ``prompt, reference, candidates`` where the first candidate beat every other one
-  (the rest are not ordered among themselves), as `trl_polar.evaluation`'s best_of_n protocol reads them.
 
 In a k-way ranking the best response becomes the reference (as in POLAR's fine-tuning: rank 1 = reference,
 rank 2 = chosen, rank 3 = rejected) and every ordered pair of the rest becomes a triple.
@@ -27,7 +25,7 @@ from ..io import Record
 from .base import PAIRS, TIES, Conversion, ConversionResult, ConvertOptions
 from .preference import convert_hh, convert_trl, parse_hh_dialogue
 from .ranked import add_ranking, convert_ranked, convert_ultrafeedback
-from .rmb import convert_rmb_bon, convert_rmb_pairwise
+from .rmb import convert_rmb
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +45,16 @@ _FORMATS: dict[str, tuple[Callable[[Iterable[Record], Conversion], None], str | 
     "ranked": (convert_ranked, "id"),
     "ultrafeedback": (convert_ultrafeedback, "id"),
     "hh-rlhf": (convert_hh, "id"),
-    "rmb-pairwise": (convert_rmb_pairwise, "pair_uid"),
-    "rmb-bon": (convert_rmb_bon, "bon_uid"),
+    # RMB's pairwise and BoN records carry different ids (pair_uid, bon_uid); the converter checks each.
+    "rmb": (convert_rmb, None),
     "trl": (convert_trl, "id"),
 }
 FORMATS = tuple(_FORMATS)
+# Formats that were folded into another: their name says where to go.
+_RENAMED = {
+    "rmb-pairwise": "RMB's Pairwise_set and BoN_set files are read together by the 'rmb' format",
+    "rmb-bon": "RMB's Pairwise_set and BoN_set files are read together by the 'rmb' format",
+}
 
 
 def convert(fmt: str, sources: Any, options: ConvertOptions | None = None, **kwargs: Any) -> ConversionResult:
@@ -60,10 +63,12 @@ def convert(fmt: str, sources: Any, options: ConvertOptions | None = None, **kwa
     Args:
         fmt: one of ``FORMATS``: "ranked" (``prompt`` + ``responses`` best first, or with ``rank``/``score``),
             "ultrafeedback" (``instruction`` + ``completions`` with scores), "hh-rlhf" (``chosen``/``rejected``
-            transcripts -> RL prompts whose reference is chosen's last Assistant turn), "rmb-pairwise" and "rmb-bon"
-            (RMB's JSON files; reference = the top-ranked answer of each prompt, as the paper evaluates), "trl"
+            transcripts -> RL prompts whose reference is chosen's last Assistant turn), "rmb" (RMB's
+            Pairwise_set and BoN_set JSON files together, or their directory: a conversation's BoN best is the
+            reference of its pairwise pairs; see `trl_polar.data.converters.rmb`), "trl"
             (TRL preference rows plus a reference column).
-        sources: a file path (.jsonl/.json/.parquet), a list of paths, or an in-memory dataset / list of dicts.
+        sources: a file path (.jsonl/.json/.parquet), a directory (its files, recursively), a list of paths, or an
+            in-memory dataset / list of dicts.
         options: a `ConvertOptions`; keyword arguments override its fields.
 
     Example::
@@ -73,6 +78,8 @@ def convert(fmt: str, sources: Any, options: ConvertOptions | None = None, **kwa
         result.listwise   # prompt, reference, candidates (best first)
         result.counts     # what was produced and what was skipped, by reason
     """
+    if fmt in _RENAMED:
+        raise ValueError(f"Format {fmt!r} is gone: {_RENAMED[fmt]} (convert('rmb', 'RMB_dataset/')).")
     if fmt not in _FORMATS:
         raise ValueError(f"Unknown format {fmt!r}; choose one of {FORMATS}.")
     options = ConvertOptions(**{**(options.__dict__ if options else {}), **kwargs})

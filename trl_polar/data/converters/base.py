@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ...template import flatten
-from ..io import DataError, Record, read_records
+from ..io import READABLE_SUFFIXES, DataError, Record, read_records
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +80,8 @@ class Conversion:
         self.ids: dict[str, str] = {}
 
     def records(self, sources: Any) -> Iterable[Record]:
-        """The records of a path, a list of paths, or one in-memory dataset or list of records."""
+        """The records of a path (a directory: its readable files, recursively, in path order), a list of paths,
+        or one in-memory dataset or list of records."""
         if (
             isinstance(sources, (str, bytes))
             or hasattr(sources, "__fspath__")
@@ -87,7 +90,7 @@ class Conversion:
         ):
             sources = [sources]
         seen: dict[str, str] = {}
-        for source in sources:
+        for source in (path for s in sources for path in _files(s)):
             for record in read_records(source, skip_invalid=self.options.skip_invalid, counts=self.counts):
                 key = json.dumps(record.value, sort_keys=True, default=str)
                 if key in seen:
@@ -113,16 +116,18 @@ class Conversion:
             raise DataError(f"{location}: {message} Pass ties='skip' (--ties skip) to skip and count ties.")
         self.counts[reason] += 1
 
-    def new_id(self, record: Record) -> bool:
-        """False (after raising or counting) when the record repeats an id seen before."""
-        if not self.id_field or self.id_field not in record.value:
+    def new_id(self, record: Record, id_field: str | None = None) -> bool:
+        """False (after raising or counting) when the record repeats an id seen before. ``id_field`` names the
+        field for a format whose record kinds carry different ids (default: the conversion's)."""
+        id_field = id_field or self.id_field
+        if not id_field or id_field not in record.value:
             return True
-        value = record.value[self.id_field]
-        key = json.dumps(value, sort_keys=True, default=str)
+        value = record.value[id_field]
+        key = f"{id_field}={json.dumps(value, sort_keys=True, default=str)}"
         if key in self.ids:
             self.invalid(
                 record.location,
-                f"duplicate id {self.id_field}={value!r} (first seen at {self.ids[key]}); ids must be unique.",
+                f"duplicate id {id_field}={value!r} (first seen at {self.ids[key]}); ids must be unique.",
                 "duplicate_id",
             )
             return False
@@ -155,6 +160,18 @@ class Conversion:
                 "bad_field",
             )
         return False
+
+
+def _files(source: Any) -> list[Any]:
+    """A directory's readable files, recursively and sorted by path; any other source as it is."""
+    if not isinstance(source, (str, os.PathLike)) or not Path(source).is_dir():
+        return [source]
+    files = sorted(p for p in Path(source).rglob("*") if p.is_file() and p.suffix.lower() in READABLE_SUFFIXES)
+    if not files:
+        kinds = "/".join(READABLE_SUFFIXES)
+        raise DataError(f"{source}: the directory holds no {kinds} files (searched recursively).")
+    logger.info("%s: reading %d files", source, len(files))
+    return files
 
 
 def text_ok(value: Any) -> bool:

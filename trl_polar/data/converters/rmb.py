@@ -1,17 +1,44 @@
-"""RMB's pairwise and best-of-N files: the reference is each prompt's top-ranked answer, as the paper evaluates."""
+"""RMB (Zhou-Zoey/RMB-Reward-Model-Benchmark): its Pairwise_set and BoN_set files, read together.
+
+The public files hold pairwise preferences and best-of-N records, but no full rankings, so the paper's protocol
+(the top-ranked answer is the reference, correct when the 2nd beats the 3rd) cannot be rebuilt from them. What they
+do support: a conversation's BoN best answer is the reference, and every pairwise pair of that conversation which
+does not contain it is judged, r(p, ref, chosen) > r(p, ref, rejected).
+
+- Records are told apart by their fields: ``chosen``/``reject`` (pairwise) or ``bon_best``/``loser_list`` (BoN);
+  answers are ``{llm_name, answer}`` objects. A conversation is its message list (role and content).
+- The reference of a conversation is one of its BoN bests: the one that loses fewest comparisons (pairwise and
+  BoN) of that conversation, then the one that wins most, then the first read. Tied candidates are counted.
+- Every record is converted or counted under one reason, so the counts add up to the records read:
+  pairs: ``rows`` + ``pairs_skipped_identical_answers`` + ``pairs_skipped_no_bon_best`` +
+  ``pairs_skipped_containing_reference``; BoN records: ``bon_records_reference`` + ``bon_records_other_best`` +
+  ``bon_records_skipped_no_pairs``; besides, ``skipped_*`` counts malformed records (with ``skip_invalid``) and
+  ``duplicate_records_removed`` records read twice.
+"""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from ...template import flatten
 from ..io import Record
-from .base import Conversion, number
+from .base import Conversion
 
 
-def _rmb_prompt(record: Record, conversion: Conversion) -> list[dict[str, str]] | None:
+@dataclass
+class _Conversation:
+    prompt: list[dict[str, Any]]
+    pairs: list[tuple[Record, str, str]] = field(default_factory=list)
+    bons: list[tuple[Record, str, list[str]]] = field(default_factory=list)
+    lost: Counter = field(default_factory=Counter)
+    won: Counter = field(default_factory=Counter)
+
+
+def _prompt(record: Record, conversion: Conversion) -> list[dict[str, Any]] | None:
     messages = record.value.get("conversation_input")
     if not isinstance(messages, list) or not messages:
         conversion.invalid(record.location, "'conversation_input' must be a non-empty message list.", "bad_field")
@@ -26,139 +53,125 @@ def _rmb_prompt(record: Record, conversion: Conversion) -> list[dict[str, str]] 
 
 
 def _answer(value: Any) -> str | None:
-    if isinstance(value, Mapping) and isinstance(value.get("answer"), str) and value["answer"].strip():
+    # A blank answer is still an answer the benchmark judges (a model that wrote nothing), so it is kept.
+    if isinstance(value, Mapping) and isinstance(value.get("answer"), str):
         return value["answer"]
     return None
 
 
-def _top(answers: dict[str, float | None], losers: set[str], location: str, conversion: Conversion) -> str | None:
-    """The top-ranked answer of one prompt: never beaten in any comparison; the highest score among such."""
-    champions = [a for a in answers if a not in losers]
-    if len(champions) > 1 and all(answers[a] is not None for a in champions):
-        best = max(answers[a] for a in champions)
-        champions = [a for a in champions if answers[a] == best]
-    if len(champions) == 1:
-        return champions[0]
-    if not champions:
-        conversion.invalid(
-            location,
-            "every answer of this prompt loses some comparison (the preferences form a cycle), so "
-            "there is no top-ranked answer to use as reference.",
-            "no_top_answer",
-        )
-        return None
-    conversion.tie(
-        location,
-        f"{len(champions)} answers are never beaten and tie on score, so the reference is ambiguous.",
-        "skipped_tie_at_top",
-    )
-    return None
+def _category(record: Record) -> dict[str, str]:
+    path = record.value.get("category_path")
+    if not isinstance(path, str):
+        return {}
+    head, _, rest = path.partition("/")
+    # "Pairwise_set/Helpfulness/Chat/Discussion": the set names the file kind, the rest is the category.
+    return {"category": rest if head.endswith("_set") and rest else path}
 
 
-def convert_rmb_pairwise(records: Iterable[Record], conversion: Conversion) -> None:
-    groups: dict[str, dict[str, Any]] = {}
+def _new_uid(record: Record, uid: str, conversion: Conversion) -> bool:
+    return uid not in record.value or conversion.new_id(record, uid)
+
+
+def _read(records: Iterable[Record], conversion: Conversion) -> dict[str, _Conversation]:
+    conversations: dict[str, _Conversation] = {}
+    counts = conversion.counts
     for record in records:
-        if not conversion.require(record, "conversation_input", "chosen", "reject"):
-            continue
-        prompt = _rmb_prompt(record, conversion)
-        chosen, rejected = _answer(record.value["chosen"]), _answer(record.value["reject"])
-        if prompt is None:
-            continue
-        if chosen is None or rejected is None:
-            conversion.invalid(
-                record.location, "'chosen' and 'reject' must be objects with a non-empty 'answer' string.", "bad_field"
-            )
-            continue
-        group = groups.setdefault(
-            json.dumps(prompt),
-            {"prompt": prompt, "answers": {}, "losers": set(), "pairs": [], "location": record.location},
-        )
-        for side, text in (("chosen", chosen), ("reject", rejected)):
-            score = number(record.value[side].get("score"))
-            group["answers"].setdefault(text, score)
-        if chosen == rejected:
-            conversion.counts["pairs_identical_answers_skipped"] += 1
-            continue
-        group["losers"].add(rejected)
-        group["pairs"].append((record, chosen, rejected))
-    for group in groups.values():
-        reference = _top(group["answers"], group["losers"], group["location"], conversion)
-        if reference is None:
-            conversion.counts["pairs_of_skipped_prompts"] += len(group["pairs"])
-            continue
-        made = 0
-        for record, chosen, rejected in group["pairs"]:
-            if reference in (chosen, rejected):
-                # With the top answer as reference, a pair that contains it cannot be judged (paper: 2nd vs 3rd).
-                conversion.counts["pairs_containing_reference"] += 1
-                continue
-            conversion.result.rows.append(
-                {
-                    "prompt": group["prompt"],
-                    "reference": reference,
-                    "chosen": chosen,
-                    "rejected": rejected,
-                    **_rmb_extra(record, "pair_uid"),
-                }
-            )
-            made += 1
-        conversion.counts["triples"] += made
-        if not made:
-            conversion.counts["prompts_without_triples"] += 1
-
-
-def _rmb_extra(record: Record, id_key: str) -> dict[str, Any]:
-    extra = {}
-    if id_key in record.value:
-        extra["id"] = str(record.value[id_key])
-    if "category_path" in record.value:
-        extra["category"] = record.value["category_path"]
-    return extra
-
-
-def convert_rmb_bon(records: Iterable[Record], conversion: Conversion) -> None:
-    groups: dict[str, dict[str, Any]] = {}
-    for record in records:
-        if not conversion.require(record, "conversation_input", "bon_best", "loser_list"):
-            continue
-        prompt = _rmb_prompt(record, conversion)
-        best, raw_losers = _answer(record.value["bon_best"]), record.value["loser_list"]
-        if prompt is None:
-            continue
-        losers = [_answer(x) for x in raw_losers] if isinstance(raw_losers, list) else None
-        if best is None or not losers or any(x is None for x in losers):
+        value = record.value
+        if "bon_best" in value or "loser_list" in value:
+            kind, fields = "bon", ("conversation_input", "bon_best", "loser_list")
+        elif "chosen" in value or "reject" in value:
+            kind, fields = "pairwise", ("conversation_input", "chosen", "reject")
+        else:
             conversion.invalid(
                 record.location,
-                "'bon_best' must be an object with a non-empty 'answer' string and 'loser_list' a "
-                "non-empty list of such objects.",
+                f"not an RMB record: a pairwise record has 'chosen' and 'reject', a BoN record 'bon_best' and "
+                f"'loser_list' (this one has {sorted(value)}).",
+                "not_rmb",
+            )
+            continue
+        counts[f"{kind}_records_read"] += 1
+        if not conversion.require(record, *fields):
+            continue
+        if not _new_uid(record, "pair_uid" if kind == "pairwise" else "bon_uid", conversion):
+            continue
+        prompt = _prompt(record, conversion)
+        if prompt is None:
+            continue
+        conversation = conversations.setdefault(json.dumps(prompt, ensure_ascii=False), _Conversation(prompt))
+        if kind == "pairwise":
+            chosen, rejected = _answer(value["chosen"]), _answer(value["reject"])
+            if chosen is None or rejected is None:
+                conversion.invalid(
+                    record.location, "'chosen' and 'reject' must be objects with an 'answer' string.", "bad_field"
+                )
+                continue
+            if chosen == rejected:
+                # The same text on both sides cannot be ranked by any reward model.
+                counts["pairs_skipped_identical_answers"] += 1
+                continue
+            conversation.pairs.append((record, chosen, rejected))
+            conversation.won[chosen] += 1
+            conversation.lost[rejected] += 1
+            continue
+        best = _answer(value["bon_best"])
+        raw = value["loser_list"]
+        losers = [_answer(x) for x in raw] if isinstance(raw, list) else [None]
+        if best is None or any(x is None for x in losers):
+            conversion.invalid(
+                record.location,
+                "'bon_best' must be an object with an 'answer' string and 'loser_list' a list of such objects.",
                 "bad_field",
             )
             continue
-        group = groups.setdefault(
-            json.dumps(prompt),
-            {"prompt": prompt, "answers": {}, "losers": set(), "records": [], "location": record.location},
-        )
-        for text in [best, *losers]:
-            group["answers"].setdefault(text, None)
-        group["losers"].update(x for x in losers if x != best)
-        group["records"].append((record, best, [x for x in losers if x != best]))
-    for group in groups.values():
-        reference = _top(group["answers"], group["losers"], group["location"], conversion)
-        if reference is None:
-            conversion.counts["records_of_skipped_prompts"] += len(group["records"])
+        kept = [x for x in losers if x != best]
+        counts["bon_losers_equal_to_best_removed"] += len(losers) - len(kept)
+        conversation.bons.append((record, best, kept))
+        conversation.won[best] += len(kept)
+        for loser in kept:
+            conversation.lost[loser] += 1
+    return conversations
+
+
+def _reference(conversation: _Conversation, conversion: Conversion) -> str:
+    """The conversation's highest-standing BoN best: fewest comparisons lost, then most won, then first read."""
+    bests = list(dict.fromkeys(best for _, best, _ in conversation.bons))
+    standing = {best: (conversation.lost[best], -conversation.won[best]) for best in bests}
+    top = min(standing.values())
+    tied = [best for best in bests if standing[best] == top]
+    if len(tied) > 1:
+        conversion.counts["conversations_reference_tie_first_read"] += 1
+    return tied[0]
+
+
+def convert_rmb(records: Iterable[Record], conversion: Conversion) -> None:
+    counts = conversion.counts
+    for conversation in _read(records, conversion).values():
+        counts["conversations"] += 1
+        if not conversation.bons:
+            counts["conversations_without_bon_best"] += 1
+            counts["pairs_skipped_no_bon_best"] += len(conversation.pairs)
             continue
-        for record, best, losers in group["records"]:
-            if best == reference:
-                # The reference itself is this record's winner: nothing left to judge against it.
-                conversion.counts["records_best_is_reference"] += 1
+        if not conversation.pairs:
+            counts["conversations_without_pairs"] += 1
+            counts["bon_records_skipped_no_pairs"] += len(conversation.bons)
+            continue
+        reference = _reference(conversation, conversion)
+        source = next(record for record, best, _ in conversation.bons if best == reference)
+        for _, best, _ in conversation.bons:
+            counts["bon_records_reference" if best == reference else "bon_records_other_best"] += 1
+        made = 0
+        for record, chosen, rejected in conversation.pairs:
+            if reference in (chosen, rejected):
+                # The reference against itself says nothing about the pair: a copy of the reference always wins.
+                counts["pairs_skipped_containing_reference"] += 1
                 continue
-            # Only the first candidate's place is meaningful: it beat each of the others, which are not ordered.
-            conversion.result.rows.append(
-                {
-                    "prompt": group["prompt"],
-                    "reference": reference,
-                    "candidates": [best, *losers],
-                    **_rmb_extra(record, "bon_uid"),
-                }
-            )
-            conversion.counts["bon_rows"] += 1
+            row = {"prompt": conversation.prompt, "reference": reference, "chosen": chosen, "rejected": rejected}
+            if "pair_uid" in record.value:
+                row["id"] = str(record.value["pair_uid"])
+            if "bon_uid" in source.value:
+                row["reference_id"] = str(source.value["bon_uid"])
+            row.update(_category(record))
+            conversion.result.rows.append(row)
+            made += 1
+        counts["rows"] += made
+        counts["conversations_judged" if made else "conversations_all_pairs_contain_reference"] += 1
