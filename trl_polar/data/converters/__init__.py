@@ -25,9 +25,14 @@ from typing import Any
 
 from ..io import Record
 from .base import PAIRS, TIES, Conversion, ConversionResult, ConvertOptions
+from .helpsteer3 import convert_helpsteer3
+from .judgebench import convert_judgebench
+from .ppe import convert_ppe
 from .preference import convert_hh, convert_trl, parse_hh_dialogue
 from .ranked import add_ranking, convert_ranked, convert_ultrafeedback
+from .rewardbench2 import convert_rewardbench2
 from .rmb import convert_rmb_bon, convert_rmb_pairwise
+from .rmbench import convert_rmbench
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +55,13 @@ _FORMATS: dict[str, tuple[Callable[[Iterable[Record], Conversion], None], str | 
     "rmb-pairwise": (convert_rmb_pairwise, "pair_uid"),
     "rmb-bon": (convert_rmb_bon, "bon_uid"),
     "trl": (convert_trl, "id"),
+    # Benchmarks (`trl_polar.benchmark_sets` evaluates them by their own rules); each needs references where it
+    # has no gold answer.
+    "rewardbench2": (convert_rewardbench2, "id"),
+    "rm-bench": (convert_rmbench, None),
+    "judgebench": (convert_judgebench, "pair_id"),
+    "ppe": (convert_ppe, None),
+    "helpsteer3": (convert_helpsteer3, None),
 }
 FORMATS = tuple(_FORMATS)
 
