@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -425,15 +425,17 @@ def evaluate_benchmark(
                                     references="rm_bench_refs.jsonl")
         result.summary["hard"], result.summary["domains"]["math"]["matrix"]
     """
-    benchmark = get_benchmark(name)
     conversion = load_benchmark(name, data, references=references, split=split, skip_invalid=skip_invalid)
+    return score_benchmark(scorer, name, conversion)
+
+
+def score_benchmark(scorer: Scorer, name: str, conversion: Any) -> BenchmarkResult:
+    """Score the rows of `load_benchmark` (one `evaluate` pass) and compute the benchmark's own numbers."""
+    benchmark = get_benchmark(name)
     if not conversion.rows:
-        raise ValueError(
-            f"{data}: no {benchmark.title} rows to evaluate (conversion counts: {dict(conversion.counts)})."
-        )
+        raise ValueError(f"no {benchmark.title} rows to evaluate (conversion counts: {dict(conversion.counts)}).")
     report = evaluate(scorer, conversion.rows, protocol=benchmark.protocol)
-    counts = dict(Counter(conversion.counts))
-    return BenchmarkResult(name, benchmark.summarize(conversion.rows, report), counts, report)
+    return BenchmarkResult(name, benchmark.summarize(conversion.rows, report), dict(conversion.counts), report)
 
 
 def write_benchmark(result: BenchmarkResult, out_dir: str | os.PathLike) -> dict[str, str]:

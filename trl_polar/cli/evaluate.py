@@ -19,7 +19,7 @@ def evaluate(
     protocol: Annotated[str, typer.Option(help="auto, pairwise, best_of_n or rmb.")] = "auto",
     split: Annotated[
         str | None,
-        typer.Option(help="Dataset split (or slice, e.g. train[:1000]); default train, or the benchmark's."),
+        typer.Option(help="Dataset split (or slice, e.g. train[:1000]); default: train, or that of --benchmark."),
     ] = None,
     category_column: Annotated[str, typer.Option(help="Report accuracy per value of this column.")] = "category",
     max_tokens_per_batch: Annotated[int, typer.Option(help="Token budget of one scoring micro-batch.")] = 32768,
@@ -45,12 +45,10 @@ def evaluate(
 
     if (model is None) == (url is None):
         raise CLIError("Pass exactly one of --model (score locally) or --url (score with a server).")
-    if benchmark is not None:
-        from ..benchmark_sets import BENCHMARKS
-
-        if benchmark not in BENCHMARKS:
-            raise CLIError(f"Unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}.")
-    check_destination(out, inputs=[data] if Path(data).exists() else [], directory=True)
+    inputs = [p for p in (data, references) if p is not None and Path(p).exists()]
+    check_destination(out, inputs=inputs, directory=True)
+    # A benchmark is converted before the model loads, so that a bad record or a missing reference stops at once.
+    conversion = _load_benchmark(benchmark, data, references, split, skip_invalid) if benchmark else None
     if model is not None:
         from ..scorer import PolarScorer
 
@@ -60,7 +58,7 @@ def evaluate(
 
         scorer = PolarClient(url=url)
     if benchmark is not None:
-        return _evaluate_benchmark(scorer, benchmark, data, out, references, split, skip_invalid, plots)
+        return _evaluate_benchmark(scorer, benchmark, data, conversion, out, plots)
     rows = load_preference_dataset(data, split=split or "train")
     try:
         report = run_evaluation(scorer, rows, protocol=protocol, category_column=category_column)
@@ -71,23 +69,25 @@ def evaluate(
     typer.echo("Wrote " + ", ".join(paths.values()))
 
 
-def _evaluate_benchmark(
-    scorer: Any,
-    benchmark: str,
-    data: str,
-    out: Path,
-    references: str | None,
-    split: str | None,
-    skip_invalid: bool,
-    plots: bool,
-) -> None:
-    from ..benchmark_sets import evaluate_benchmark, write_benchmark
+def _load_benchmark(benchmark: str, data: str, references: str | None, split: str | None, skip: bool) -> Any:
+    from ..benchmark_sets import BENCHMARKS, load_benchmark
+
+    if benchmark not in BENCHMARKS:
+        raise CLIError(f"Unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}.")
+    try:
+        return load_benchmark(benchmark, data, references=references, split=split, skip_invalid=skip)
+    except (ValueError, FileNotFoundError) as err:
+        raise CLIError(str(err) if str(err).startswith(str(data)) else f"{data}: {err}") from None
+
+
+def _evaluate_benchmark(scorer: Any, benchmark: str, data: str, conversion: Any, out: Path, plots: bool) -> None:
+    from ..benchmark_sets import score_benchmark, write_benchmark
     from ..evaluation import write_report
 
     try:
-        result = evaluate_benchmark(scorer, benchmark, data, references, split=split, skip_invalid=skip_invalid)
-    except (ValueError, FileNotFoundError) as err:
-        raise CLIError(f"{data}: {err}" if not str(err).startswith(str(data)) else str(err)) from None
+        result = score_benchmark(scorer, benchmark, conversion)
+    except ValueError as err:
+        raise CLIError(f"{data}: {err}") from None
     paths = write_report(result.report, out, plots=plots)
     paths.update(write_benchmark(result, out))
     typer.echo(result.to_markdown())
