@@ -133,6 +133,13 @@ def test_references_files_are_checked_and_missing_prompts_named(tmp_path):
                                    "skipped_bad_label": 1}  # fmt: skip
 
 
+def test_a_local_path_that_does_not_exist_is_not_taken_for_a_hub_name(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"judgebench\.jsonl: no such file or folder"):
+        load_benchmark("judgebench", str(tmp_path / "judgebench.jsonl"))
+    with pytest.raises(ValueError, match=r"Unknown benchmark 'rewardbench'; choose one of \['helpsteer3', "):
+        load_benchmark("rewardbench", RB2 / "test.jsonl")
+
+
 def test_benchmark_prompts_lists_what_needs_a_reference():
     assert benchmark_prompts("rewardbench2", RB2 / "test.jsonl") == [
         "Who wrote Hamlet?",
@@ -239,6 +246,10 @@ def test_best_of_k_benchmarks_score_every_candidate(scorer):
                                 skip_invalid=True)  # fmt: skip
     assert sorted(result.summary["subsets"]) == ["Factuality", "Math", "Ties"]
     assert result.summary["subsets"]["Ties"]["prompts_with_both"] == 1
+    lines = result.to_markdown().splitlines()
+    assert lines[:4] == ["# RewardBench 2", "", f"- score: {result.summary['score']:.4f}", "- rows scored: 4"]
+    assert "| Math | 1 | " + f"{result.summary['subsets']['Math']['score']:.4f} |" in "\n".join(lines)
+    assert "- skipped_bad_field: 2" in lines and "generic best_of_n one" in lines[-1]
 
 
 def test_evaluate_benchmark_command_writes_the_benchmark_report(tmp_path, tiny_qwen2_rm_dir):

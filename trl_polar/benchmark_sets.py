@@ -247,66 +247,26 @@ def summarize_helpsteer3(rows: Sequence[dict[str, Any]], report: EvaluationRepor
 
 @dataclass(frozen=True)
 class Benchmark:
-    """One benchmark: its converter format, the evaluation protocol of its rows, where it lives, how it is scored."""
+    """One benchmark: its converter format, the evaluation protocol of its rows, its default hub split, the field
+    holding its prompts, and the function computing its own numbers (``score`` first) from the scored rows."""
 
     name: str
     title: str
-    format: str
     protocol: str
-    hub: tuple[str, ...]
     split: str
     prompt_field: str
     summarize: Callable[[Sequence[dict[str, Any]], EvaluationReport], Summary] = field(repr=False)
-    headline: str = "score"
 
 
+# The converter format of each benchmark is its name.
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
     for b in (
-        Benchmark(
-            "rewardbench2",
-            "RewardBench 2",
-            "rewardbench2",
-            "best_of_n",
-            ("allenai/reward-bench-2",),
-            "test",
-            "prompt",
-            summarize_rewardbench2,
-        ),
-        Benchmark(
-            "rm-bench", "RM-Bench", "rm-bench", "pairwise", ("THU-KEG/RM-Bench",), "train", "prompt", summarize_rmbench
-        ),
-        Benchmark(
-            "judgebench",
-            "JudgeBench",
-            "judgebench",
-            "pairwise",
-            ("ScalerLab/JudgeBench",),
-            "gpt",
-            "question",
-            summarize_judgebench,
-        ),
-        Benchmark(
-            "ppe",
-            "PPE correctness",
-            "ppe",
-            "best_of_n",
-            tuple(f"lmarena-ai/PPE-{s}-Best-of-K" for s in ("MMLU-Pro", "MATH", "GPQA", "MBPP-Plus", "IFEval")),
-            "train",
-            "prompt",
-            summarize_ppe,
-            headline="best_of_k",
-        ),
-        Benchmark(
-            "helpsteer3",
-            "HelpSteer3-Preference",
-            "helpsteer3",
-            "pairwise",
-            ("nvidia/HelpSteer3:preference",),
-            "validation",
-            "context",
-            summarize_helpsteer3,
-        ),
+        Benchmark("rewardbench2", "RewardBench 2", "best_of_n", "test", "prompt", summarize_rewardbench2),
+        Benchmark("rm-bench", "RM-Bench", "pairwise", "train", "prompt", summarize_rmbench),
+        Benchmark("judgebench", "JudgeBench", "pairwise", "gpt", "question", summarize_judgebench),
+        Benchmark("ppe", "PPE correctness", "best_of_n", "train", "prompt", summarize_ppe),
+        Benchmark("helpsteer3", "HelpSteer3-Preference", "pairwise", "validation", "context", summarize_helpsteer3),
     )
 }
 
@@ -341,7 +301,7 @@ def load_benchmark(
     dataset name (loaded with `datasets`, split ``split`` or the benchmark's own) or an in-memory list of records."""
     benchmark = get_benchmark(name)
     sources = data if isinstance(data, list) else benchmark_sources(data, split, benchmark)
-    return convert(benchmark.format, sources, references=references, skip_invalid=skip_invalid)
+    return convert(benchmark.name, sources, references=references, skip_invalid=skip_invalid)
 
 
 def benchmark_prompts(name: str, data: Any, split: str | None = None) -> list[Any]:
@@ -384,16 +344,23 @@ class BenchmarkResult:
         lines = [
             f"# {benchmark.title}",
             "",
-            f"- {benchmark.headline}: {_fmt(self.summary[benchmark.headline])}",
+            f"- score: {_fmt(self.summary['score'])}",
             f"- rows scored: {self.report.num_rows}",
         ]
         for key, value in self.summary.items():
-            if key != benchmark.headline and not isinstance(value, (dict, list)):
+            if key != "score" and not isinstance(value, (dict, list)):
                 lines.append(f"- {key}: {_fmt(value)}")
         for key, value in self.summary.items():
             if isinstance(value, dict):
                 lines += ["", f"## {key}", "", *_table(value)]
         lines += ["", "## conversion", "", *(f"- {k}: {v}" for k, v in sorted(self.counts.items()))]
+        if benchmark.protocol != "pairwise":
+            # report.json's accuracy is the generic best_of_n one (first candidate above the rest), not this rule.
+            lines += [
+                "",
+                f"report.json and summary.md hold the score statistics; their `accuracy` is the generic "
+                f"{benchmark.protocol} one, not {benchmark.title}'s rule above.",
+            ]
         return "\n".join(lines) + "\n"
 
 

@@ -74,7 +74,9 @@ def convert(fmt: str, sources: Any, options: ConvertOptions | None = None, **kwa
             "ultrafeedback" (``instruction`` + ``completions`` with scores), "hh-rlhf" (``chosen``/``rejected``
             transcripts -> RL prompts whose reference is chosen's last Assistant turn), "rmb-pairwise" and "rmb-bon"
             (RMB's JSON files; reference = the top-ranked answer of each prompt, as the paper evaluates), "trl"
-            (TRL preference rows plus a reference column).
+            (TRL preference rows plus a reference column), and the benchmarks "rewardbench2", "rm-bench",
+            "judgebench", "ppe", "helpsteer3" (`trl_polar.benchmark_sets` scores them; ``references=`` gives a
+            reference per prompt where the set has no gold answer).
         sources: a file path (.jsonl/.json/.parquet), a list of paths, or an in-memory dataset / list of dicts.
         options: a `ConvertOptions`; keyword arguments override its fields.
 
