@@ -56,16 +56,14 @@ def test_a_benchmark_without_gold_answers_asks_for_references_instead_of_using_t
         load_benchmark("rewardbench2", RB2 / "test.jsonl")
 
 
-def test_rm_bench_makes_the_nine_style_pairs_and_reads_the_domain_from_the_file_name(tmp_path):
+def test_rm_bench_rows_hold_the_six_styled_answers_and_the_domain_from_the_file_name(tmp_path):
     result = load_benchmark("rm-bench", RMB / "data", references=str(RMB / "references.jsonl"))
-    assert dict(result.counts) == {"records": 5, "triples": 45, "references_from_file": 5}
-    levels = [row["category"].split("/")[1] for row in result.rows[:9]]
-    assert levels == ["normal", "hard", "hard", "easy", "normal", "hard", "easy", "easy", "normal"]
-    hard = result.rows[2]
-    assert (hard["chosen_style"], hard["rejected_style"]) == ("concise", "detailed_markdown")
-    assert hard["chosen"].endswith("right, short.") and hard["rejected"].endswith("wrong, in detail.")
-    assert sorted({row["domain"] for row in result.rows}) == ["chat", "code", "math", "safety-refuse"]
-    assert [row["id"] for row in result.rows if row["domain"] == "math"][::9] == ["21", "22"]
+    assert dict(result.counts) == {"rows": 5, "references_from_file": 5}
+    chat = result.rows[3]  # files in sorted order: math_filtered.json, then total_dataset.json
+    assert chat["candidates"][0].endswith("right, short.") and chat["candidates"][5].startswith("**")
+    assert chat["candidates"][5].endswith("wrong, in detail.") and chat["num_correct"] == 3
+    assert [(row["category"], row["id"]) for row in result.rows] == [
+        ("math", "21"), ("math", "22"), ("chat", "8"), ("safety-refuse", "8"), ("code", "9")]  # fmt: skip
     with pytest.raises(DataError, match=r"no_domain\.json:2: no RM-Bench domain"):
         load_benchmark("rm-bench", RMB / "no_domain.json", references=str(RMB / "references.jsonl"))
     # The same sample twice (the total file and a copy of one of its records) is named, not scored twice.
@@ -181,24 +179,24 @@ def test_ties_score_margins_compare_the_gap_with_the_spread_of_correct_answers()
 
 
 def test_rm_bench_matrix_levels_and_domain_averages():
-    styles = ("concise", "detailed_plain", "detailed_markdown")
-    rows, scores = [], []
-    for domain, wrong_cells in (("chat", {(0, 2)}), ("safety-refuse", set()), ("safety-response", {(1, 1), (2, 0)})):
-        for i in range(3):
-            for j in range(3):
-                rows.append({"domain": domain, "chosen_style": styles[i], "rejected_style": styles[j]})
-                scores.append([0.0, 0.0, 1.0] if (i, j) in wrong_cells else [0.0, 1.0, 0.0])
-    summary = summarize_rmbench(rows, scored(scores))
+    def scores(wrong_cells):
+        # Chosen answers score 1, rejected 0; a wrong cell (i, j) lifts rejected j above chosen i.
+        chosen, rejected = [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]
+        for i, j in wrong_cells:
+            chosen[i], rejected[j] = 0.0, 0.5
+        return [0.0, *chosen, *rejected]
+
+    rows = [{"category": d} for d in ("chat", "safety-refuse", "safety-response")]
+    summary = summarize_rmbench(rows, scored([scores({(0, 2)}), scores(set()), scores({(2, 0)})]))
     chat, safety = summary["domains"]["chat"], summary["domains"]["safety"]
-    assert chat["matrix"][0] == [1.0, 1.0, 0.0] and chat["hard"] == pytest.approx(2 / 3)
-    assert (chat["normal"], chat["easy"], safety["n"]) == (1.0, 1.0, 2)  # both safety files form one domain
-    assert (safety["normal"], safety["easy"], safety["matrix"][2][0]) == (
-        pytest.approx(5 / 6),
-        pytest.approx(5 / 6),
-        0.5,
-    )
-    assert summary["hard"] == pytest.approx((2 / 3 + 1) / 2)
-    assert summary["score"] == pytest.approx(((2 / 3 + 2) / 3 + (1 + 5 / 3) / 3) / 2)
+    assert chat["matrix"] == [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]  # the concise chosen answer lost
+    assert (chat["hard"], chat["normal"], chat["easy"]) == (pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0)
+    assert safety["n"] == 2  # both safety files form one domain
+    assert safety["matrix"] == [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [0.5, 0.5, 0.5]]
+    assert (safety["hard"], safety["normal"], safety["easy"]) == (1.0, pytest.approx(5 / 6), pytest.approx(2 / 3))
+    assert summary["hard"] == pytest.approx((1 / 3 + 1) / 2)
+    assert summary["score"] == pytest.approx((chat["average"] + safety["average"]) / 2)
+    assert summary["styles"] == ["concise", "detailed_plain", "detailed_markdown"]
 
 
 def test_ppe_best_of_k_pairwise_accuracy_and_bounds():
@@ -261,11 +259,11 @@ def test_evaluate_benchmark_command_writes_the_benchmark_report(tmp_path, tiny_q
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "eval" / "benchmark.json").read_text())
-    assert (report["benchmark"], report["rows"]) == ("rm-bench", 45)
+    assert (report["benchmark"], report["rows"]) == ("rm-bench", 5)
     assert sorted(report["domains"]) == ["chat", "code", "math", "safety"]
     assert report["domains"]["math"]["n"] == 2 and len(report["domains"]["math"]["matrix"]) == 3
     assert report["score"] == pytest.approx(sum(d["average"] for d in report["domains"].values()) / 4)
-    assert report["conversion"] == {"records": 5, "triples": 45, "references_from_file": 5}
+    assert report["conversion"] == {"rows": 5, "references_from_file": 5}
     assert "# RM-Bench" in out.stdout
     assert (tmp_path / "eval" / "report.json").is_file() and (tmp_path / "eval" / "benchmark.md").is_file()
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from .atomic import write_text
 from .data.converters import convert
+from .data.converters.rmbench import STYLES as RMBENCH_STYLES
 from .data.io import READABLE_SUFFIXES, read_records
 from .evaluation import EvaluationReport, evaluate
 from .scorer import Scorer
@@ -123,17 +124,17 @@ def summarize_rewardbench2(rows: Sequence[dict[str, Any]], report: EvaluationRep
 # RM-Bench -----------------------------------------------------------------------------------------------------------
 
 _RMBENCH_DOMAINS = ("chat", "math", "code", "safety")
-_STYLES = ("concise", "detailed_plain", "detailed_markdown")
 
 
 def summarize_rmbench(rows: Sequence[dict[str, Any]], report: EvaluationReport) -> Summary:
-    # The matrix's cells all count one pair per record, so a level's accuracy (the mean of its cells) is the mean
-    # over the level's pairs.
+    # A row's scores: the reference against itself, the chosen answers (concise, plain, markdown), the rejected ones.
     cells: dict[str, dict[tuple[int, int], list[bool]]] = defaultdict(lambda: defaultdict(list))
     for row, scores in zip(rows, report.row_scores, strict=True):
-        domain = next(d for d in _RMBENCH_DOMAINS if row["domain"].startswith(d))  # safety-refuse/-response: safety
-        cell = (_STYLES.index(row["chosen_style"]), _STYLES.index(row["rejected_style"]))
-        cells[domain][cell].append(_pair_correct(scores))
+        domain = next(d for d in _RMBENCH_DOMAINS if row["category"].startswith(d))  # safety-refuse/-response: safety
+        chosen, rejected = scores[1:4], scores[4:7]
+        for i in range(3):
+            for j in range(3):
+                cells[domain][(i, j)].append(chosen[i] > rejected[j])  # ties count as wrong, as in RM-Bench
     domains = {}
     for domain in (d for d in _RMBENCH_DOMAINS if d in cells):
         matrix = [[_mean(cells[domain][(i, j)]) for j in range(3)] for i in range(3)]
@@ -153,7 +154,7 @@ def summarize_rmbench(rows: Sequence[dict[str, Any]], report: EvaluationReport) 
         "score": _mean([d["average"] for d in domains.values()]),
         **overall,
         "domains": domains,
-        "styles": list(_STYLES),
+        "styles": list(RMBENCH_STYLES),
     }
 
 
@@ -263,7 +264,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
     for b in (
         Benchmark("rewardbench2", "RewardBench 2", "best_of_n", "test", "prompt", summarize_rewardbench2),
-        Benchmark("rm-bench", "RM-Bench", "pairwise", "train", "prompt", summarize_rmbench),
+        Benchmark("rm-bench", "RM-Bench", "best_of_n", "train", "prompt", summarize_rmbench),
         Benchmark("judgebench", "JudgeBench", "pairwise", "gpt", "question", summarize_judgebench),
         Benchmark("ppe", "PPE correctness", "best_of_n", "train", "prompt", summarize_ppe),
         Benchmark("helpsteer3", "HelpSteer3-Preference", "pairwise", "validation", "context", summarize_helpsteer3),

@@ -3,9 +3,10 @@
 A record holds ``id``, ``prompt``, ``chosen`` and ``rejected`` (three answers each, in the order concise, detailed
 plain text, detailed markdown) and ``domain`` (chat, code, math, safety-refuse, safety-response; the per-domain
 files ``<domain>_filtered.json`` have no ``domain`` field, so it is read from the file name). Every record becomes
-the 9 pairs of its 3 x 3 style matrix: chosen style i against rejected style j is "hard" when i < j (the correct
-answer is plainer than the wrong one), "normal" when i = j and "easy" when i > j. RM-Bench has no reference answers
-(its chosen answers are the labels), so the reference comes from a references file.
+one row whose ``candidates`` are the three chosen answers then the three rejected ones (``num_correct`` = 3): its
+six answers are scored once, and the 3 x 3 style matrix compares chosen style i with rejected style j ("hard" when
+i < j: the correct answer is plainer than the wrong one; "normal" when i = j; "easy" when i > j). RM-Bench has no
+reference answers (its chosen answers are the labels), so the reference comes from a references file.
 """
 
 from __future__ import annotations
@@ -20,13 +21,6 @@ from .references import reference_lookup
 STYLES = ("concise", "detailed_plain", "detailed_markdown")
 DOMAINS = ("chat", "code", "math", "safety-refuse", "safety-response")
 _FILE_DOMAIN = re.compile(r"(?:^|[/\\])(" + "|".join(DOMAINS) + r")_filtered\.json(?::\d+)?$")
-
-
-def level(chosen_style: int, rejected_style: int) -> str:
-    """The RM-Bench difficulty of one cell of the style matrix."""
-    if chosen_style < rejected_style:
-        return "hard"
-    return "normal" if chosen_style == rejected_style else "easy"
 
 
 def convert_rmbench(records: Iterable[Record], conversion: Conversion) -> None:
@@ -68,20 +62,14 @@ def convert_rmbench(records: Iterable[Record], conversion: Conversion) -> None:
         reference = lookup(record, value["prompt"])
         if reference is None:
             continue
-        for i, chosen in enumerate(value["chosen"]):
-            for j, rejected in enumerate(value["rejected"]):
-                conversion.result.rows.append(
-                    {
-                        "prompt": value["prompt"],
-                        "reference": reference,
-                        "chosen": chosen,
-                        "rejected": rejected,
-                        "category": f"{domain}/{level(i, j)}",
-                        "domain": domain,
-                        "chosen_style": STYLES[i],
-                        "rejected_style": STYLES[j],
-                        "id": key[1],
-                    }
-                )
-        conversion.counts["records"] += 1
-        conversion.counts["triples"] += len(STYLES) ** 2
+        conversion.result.rows.append(
+            {
+                "prompt": value["prompt"],
+                "reference": reference,
+                "candidates": list(value["chosen"]) + list(value["rejected"]),
+                "num_correct": len(STYLES),
+                "category": domain,
+                "id": key[1],
+            }
+        )
+        conversion.counts["rows"] += 1
