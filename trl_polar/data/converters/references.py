@@ -3,9 +3,10 @@
 A reference-aware reward model scores a candidate against a reference answer. Where a benchmark carries a gold
 answer (PPE's MMLU-Pro, MATH, GPQA and MBPP-Plus sets) the converter uses it. Elsewhere the reference must come from
 outside the benchmark's labelled answers: a chosen answer as the reference would give the label away (a copy of the
-reference scores highest), and so would the chosen answer of another pair of the same prompt when that answer also
-appears in the pair being judged. A fair source is an answer the user's own policy (or any model that did not see
-the labels) wrote for each prompt, given here as a file.
+reference scores highest), and so would a chosen answer of the same prompt that is not itself judged (another pair's
+winner, RM-Bench's chosen answer in another style), which states the fact the rejected answers get wrong. A fair
+source is an answer the user's own policy (or any model that did not see the labels) wrote for each prompt, given
+here as a file.
 """
 
 from __future__ import annotations
