@@ -71,10 +71,13 @@ class EvaluationReport:
     reference_self_score: dict[str, float] = field(default_factory=dict)
     throughput: dict[str, float] = field(default_factory=dict)
     scores_by_rank: dict[str, list[float]] = field(default_factory=dict, repr=False)
+    # Per row, in row order: r(p, ref, ref), then each scored answer's reward (what benchmark rules are computed from).
+    row_scores: list[list[float]] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         report = asdict(self)
         report.pop("scores_by_rank")
+        report.pop("row_scores")
         return report
 
     def to_markdown(self) -> str:
@@ -297,6 +300,7 @@ def evaluate(
         reference_self_score=_stats(self_scores),
         throughput=throughput,
         scores_by_rank=dict(scores_by_rank),
+        row_scores=per_group,
     )
 
 

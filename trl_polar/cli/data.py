@@ -129,6 +129,9 @@ def convert_data_command(
     score_key: Annotated[str, typer.Option(help="UltraFeedback score field.")] = "fine-grained_score",
     reference_column: Annotated[str, typer.Option(help="TRL format: the reference column.")] = "reference",
     id_field: Annotated[str | None, typer.Option(help="Record id field checked for duplicates.")] = None,
+    references: Annotated[
+        str | None, typer.Option(help="Benchmark formats: a file of prompt/reference rows, one per prompt.")
+    ] = None,
 ) -> None:
     """Convert a public preference format to POLAR rows (triples, listwise rows, RL prompts or best-of-N rows)."""
     from ..data.converters import convert
@@ -146,6 +149,7 @@ def convert_data_command(
         score_key=score_key,
         reference_column=reference_column,
         id_field=id_field,
+        references=references,
     )
     write_rows(result.rows, out)
     if listwise_out is not None:

@@ -23,9 +23,14 @@ from typing import Any
 
 from ..io import Record
 from .base import PAIRS, TIES, Conversion, ConversionResult, ConvertOptions
+from .helpsteer3 import convert_helpsteer3
+from .judgebench import convert_judgebench
+from .ppe import convert_ppe
 from .preference import convert_hh, convert_trl, parse_hh_dialogue
 from .ranked import add_ranking, convert_ranked, convert_ultrafeedback
+from .rewardbench2 import convert_rewardbench2
 from .rmb import convert_rmb
+from .rmbench import convert_rmbench
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +53,13 @@ _FORMATS: dict[str, tuple[Callable[[Iterable[Record], Conversion], None], str | 
     # RMB's pairwise and BoN records carry different ids (pair_uid, bon_uid); the converter checks each.
     "rmb": (convert_rmb, None),
     "trl": (convert_trl, "id"),
+    # Benchmarks (`trl_polar.benchmark_sets` evaluates them by their own rules); each needs references where it
+    # has no gold answer.
+    "rewardbench2": (convert_rewardbench2, "id"),
+    "rm-bench": (convert_rmbench, None),
+    "judgebench": (convert_judgebench, "pair_id"),
+    "ppe": (convert_ppe, None),
+    "helpsteer3": (convert_helpsteer3, None),
 }
 FORMATS = tuple(_FORMATS)
 # Formats that were folded into another: their name says where to go.
@@ -66,7 +78,9 @@ def convert(fmt: str, sources: Any, options: ConvertOptions | None = None, **kwa
             transcripts -> RL prompts whose reference is chosen's last Assistant turn), "rmb" (RMB's
             Pairwise_set and BoN_set JSON files together, or their directory: a conversation's BoN best is the
             reference of its pairwise pairs; see `trl_polar.data.converters.rmb`), "trl"
-            (TRL preference rows plus a reference column).
+            (TRL preference rows plus a reference column), and the benchmarks "rewardbench2", "rm-bench",
+            "judgebench", "ppe", "helpsteer3" (`trl_polar.benchmark_sets` scores them; ``references=`` gives a
+            reference per prompt where the set has no gold answer).
         sources: a file path (.jsonl/.json/.parquet), a directory (its files, recursively), a list of paths, or an
             in-memory dataset / list of dicts.
         options: a `ConvertOptions`; keyword arguments override its fields.

@@ -53,6 +53,13 @@ class ConvertOptions:
         metadata={"help": "UltraFeedback: the completion field that ranks it (e.g. 'overall_score')."},
     )
     reference_column: str = field(default="reference", metadata={"help": "TRL format: the column of references."})
+    references: str | None = field(
+        default=None,
+        metadata={
+            "help": "Benchmark formats: a file of prompt/reference rows giving each prompt its reference answer "
+            "(where the benchmark has no gold answer, or to replace it)."
+        },
+    )
     id_field: str | None = field(
         default=None, metadata={"help": "The field holding a record id (default: the format's own, e.g. pair_uid)."}
     )
