@@ -19,7 +19,7 @@ import logging
 import math
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,9 @@ class EvaluationReport:
         report.pop("scores_by_rank")
         return report
 
-    def to_markdown(self) -> str:
+    def to_markdown(self, rank_labels: Mapping[str, str] | None = None) -> str:
+        """The summary; ``rank_labels`` names the ranks in words (e.g. ``{"rank_1": "same policy"}``)."""
+        labels = rank_labels or {}
         lines = [
             f"# POLAR evaluation ({self.protocol})",
             "",
@@ -69,8 +71,9 @@ class EvaluationReport:
             "|---|---|---|---|---|---|",
         ]
         for rank, s in self.score_stats_by_rank.items():
+            name = labels.get(rank, rank)
             lines.append(
-                f"| {rank} | {s['n']:.0f} | {s['mean']:.3f} | {s['std']:.3f} | {s['min']:.3f} | {s['max']:.3f} |"
+                f"| {name} | {s['n']:.0f} | {s['mean']:.3f} | {s['std']:.3f} | {s['min']:.3f} | {s['max']:.3f} |"
             )
         if self.per_category:
             lines += ["", "| category | rows | accuracy |", "|---|---|---|"]
@@ -227,13 +230,22 @@ def _save(fig: Any, path: Path) -> None:
         fig.savefig(f, dpi=120, format="png")
 
 
-def write_report(report: EvaluationReport, out_dir: str | os.PathLike, plots: bool = True) -> dict[str, str]:
-    """Write report.json, summary.md and (with matplotlib) PNG plots to `out_dir`; return the paths written."""
+def write_report(
+    report: EvaluationReport,
+    out_dir: str | os.PathLike,
+    plots: bool = True,
+    rank_labels: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Write report.json, summary.md and (with matplotlib) PNG plots to `out_dir`; return the paths written.
+
+    ``rank_labels`` names the ranks in words in summary.md and the plot legend, e.g. ``{"rank_1": "same policy as
+    the reference", "rank_2": "another policy"}``; report.json keeps the rank keys.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {"json": str(out / "report.json"), "markdown": str(out / "summary.md")}
     write_text(out / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
-    write_text(out / "summary.md", report.to_markdown())
+    write_text(out / "summary.md", report.to_markdown(rank_labels))
     if not plots:
         return written
     try:
@@ -246,7 +258,7 @@ def write_report(report: EvaluationReport, out_dir: str | os.PathLike, plots: bo
         return written
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for rank, values in sorted(report.scores_by_rank.items()):
-        ax.hist(values, bins=30, alpha=0.5, label=rank)
+        ax.hist(values, bins=30, alpha=0.5, label=(rank_labels or {}).get(rank, rank))
     ax.set_xlabel("reward")
     ax.set_ylabel("answers")
     ax.set_title(f"Scores per rank ({report.protocol}, accuracy {report.accuracy:.3f})")
