@@ -108,6 +108,11 @@ def check_checkpoint_tokens(
 
     Raises:
         ValueError: naming the token, the ids and the fix (load the tokenizer that ships with the checkpoint).
+
+    Example::
+
+        model = AutoModelForSequenceClassification.from_pretrained("./POLAR-7B-llama")
+        check_checkpoint_tokens(AutoTokenizer.from_pretrained("./POLAR-7B-llama"), model.config)  # passes
     """
     name = getattr(config, "_name_or_path", None) or "this checkpoint"
     fix = (
@@ -140,6 +145,13 @@ def init_new_embeddings(model: Any, old_rows: int) -> None:
 
     A new token then starts as an average token instead of a random one, in the input embeddings and, when a model
     has untied output embeddings (a causal LM), in those too. Under DeepSpeed ZeRO-3 the weights are gathered first.
+    `add_polar_tokens` calls it after resizing.
+
+    Example::
+
+        rows = model.get_input_embeddings().num_embeddings
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        init_new_embeddings(model, rows)
     """
     weights = [model.get_input_embeddings().weight]
     output = model.get_output_embeddings()
