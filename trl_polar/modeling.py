@@ -86,7 +86,7 @@ def add_polar_tokens(
     return template
 
 
-def is_polar_checkpoint(config: Any) -> bool:
+def _is_polar_checkpoint(config: Any) -> bool:
     """Whether a model config belongs to a trained POLAR reward model: one saved by trl_polar (it records its
     template) or an official InternLM2 POLAR checkpoint (it records ``reward_token_id``)."""
     return bool(getattr(config, CONFIG_KEY, None)) or getattr(config, "reward_token_id", None) is not None
@@ -266,7 +266,7 @@ def prepare_reward_model(
 
 def _allow_new_tokens(model: Any, tokenizer: Any, separator: str, reward_token: str) -> bool:
     """False, after checking its tokens, for a trained POLAR checkpoint, which never gets new tokens."""
-    if not is_polar_checkpoint(model.config):
+    if not _is_polar_checkpoint(model.config):
         return True
     check_checkpoint_tokens(tokenizer, model.config, separator, reward_token)
     return False
