@@ -151,3 +151,80 @@ def test_peft_wrapped_head_is_found(tiny_qwen2_rm_dir):
     head = value_head(peft_model)
     assert head.weight.requires_grad
     assert torch.equal(head.weight, value_head(model).weight)
+
+
+def test_new_token_rows_start_at_the_mean_embedding(plain_tokenizer_dir, tiny_qwen2_lm_dir):
+    tok = AutoTokenizer.from_pretrained(plain_tokenizer_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_lm_dir)
+    rows = len(tok)
+    inputs, outputs = model.get_input_embeddings().weight.clone(), model.get_output_embeddings().weight.clone()
+    add_polar_tokens(tok, model)
+    for before, after in ((inputs, model.get_input_embeddings().weight), (outputs, model.lm_head.weight)):
+        assert after.shape[0] == rows + 2
+        assert torch.equal(after[:rows], before)
+        # Both the separator's and the reward token's rows are the average of the old rows, in and out.
+        assert torch.allclose(after[rows:], before.mean(dim=0).expand(2, -1), atol=1e-7)
+    # A backbone turned into a reward model gets the same start (its input embeddings; the LM head is dropped).
+    rm, rm_tok = prepare_reward_model(tiny_qwen2_lm_dir)
+    new = rm.get_input_embeddings().weight[rows:]
+    assert rm_tok.convert_tokens_to_ids("[UNUSED_TOKEN_130]") == rows + 1
+    assert torch.allclose(new, inputs.mean(dim=0).expand(2, -1), atol=1e-7)
+
+
+def _official_tokenizer_without(tmp_path, shared_fixtures, drop: str, rename: str):
+    """The official fixture's tokenizer with one added token renamed: built offline, same size, same other ids."""
+    import json
+
+    src = shared_fixtures / "bpe_tokenizer_with_bos"
+    data = json.loads((src / "tokenizer.json").read_text())
+    for token in data["added_tokens"]:
+        if token["content"] == drop:
+            token["content"] = rename
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    config["additional_special_tokens"] = [rename if t == drop else t for t in config["additional_special_tokens"]]
+    out = tmp_path / f"without_{rename.strip('<|>[]')}"
+    out.mkdir()
+    (out / "tokenizer.json").write_text(json.dumps(data))
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert drop not in tokenizer.get_vocab() and len(tokenizer) == 2000
+    return out
+
+
+def test_official_checkpoint_never_gets_new_tokens(tmp_path, shared_fixtures, plain_tokenizer_dir):
+    official = shared_fixtures / "internlm2_reward_tiny"
+    # A tokenizer without the reward token: refused, naming the token and the id the head was trained to read.
+    lacking = _official_tokenizer_without(tmp_path, shared_fixtures, "[UNUSED_TOKEN_130]", "[UNUSED_TOKEN_131]")
+    message = r"no single token '\[UNUSED_TOKEN_130\]', the reward token \(id 1999 in the checkpoint's vocabulary\)"
+    for load in (load_reward_model, prepare_reward_model):
+        with pytest.raises(ValueError, match=message):
+            load(
+                official,
+                tokenizer=str(lacking) if load is load_reward_model else AutoTokenizer.from_pretrained(lacking),
+            )
+    # The reward token at another id (another model's vocabulary) is refused too, and nothing is added.
+    other = AutoTokenizer.from_pretrained(plain_tokenizer_dir)
+    other.add_special_tokens({"additional_special_tokens": ["<|reward|>", "[UNUSED_TOKEN_130]"]})
+    size = len(other)
+    with pytest.raises(
+        ValueError, match=rf"maps the reward token '\[UNUSED_TOKEN_130\]' to id {size - 1}, .* id 1999"
+    ):
+        prepare_reward_model(official, other)
+    assert len(other) == size
+
+    # Upstream writes the separator as text and adds no token for it: a tokenizer that spells "<|reward|>" in
+    # pieces scores as is, with the checkpoint's 2000 embedding rows untouched.
+    pieces = _official_tokenizer_without(tmp_path, shared_fixtures, "<|reward|>", "<|other|>")
+    model, template = load_reward_model(official, tokenizer=str(pieces))
+    assert model.get_input_embeddings().num_embeddings == 2000 and len(template.tokenizer) == 2000
+    ids = template.encode(P, R, C)
+    assert ids[-1] == 1999 and 1998 not in ids
+    assert template.tokenizer.decode(ids[1:-1]).count("<|reward|>") == 1
+
+
+def test_a_trl_polar_checkpoint_refuses_a_tokenizer_without_its_tokens(tiny_qwen2_rm_dir, plain_tokenizer_dir):
+    with pytest.raises(ValueError, match=r"no single token '\[UNUSED_TOKEN_130\]'.*never gets new tokens"):
+        load_reward_model(tiny_qwen2_rm_dir, tokenizer=plain_tokenizer_dir)
+    # Its own tokenizer loads unchanged.
+    model, template = load_reward_model(tiny_qwen2_rm_dir)
+    assert len(template.tokenizer) == model.get_input_embeddings().num_embeddings

@@ -26,7 +26,7 @@ import os
 import random
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,7 +80,9 @@ class EvaluationReport:
         report.pop("row_scores")
         return report
 
-    def to_markdown(self) -> str:
+    def to_markdown(self, rank_labels: Mapping[str, str] | None = None) -> str:
+        """The summary; ``rank_labels`` names the ranks in words (e.g. ``{"rank_1": "same policy"}``)."""
+        labels = rank_labels or {}
         correct = round(self.accuracy * self.num_rows)
         lines = [f"# POLAR evaluation ({self.protocol})", ""]
         if self.sample:
@@ -111,8 +113,9 @@ class EvaluationReport:
             lines.append(line)
         lines += ["", "| rank | n | mean | std | min | max |", "|---|---|---|---|---|---|"]
         for rank, s in self.score_stats_by_rank.items():
+            name = labels.get(rank, rank)
             lines.append(
-                f"| {rank} | {s['n']:.0f} | {s['mean']:.3f} | {s['std']:.3f} | {s['min']:.3f} | {s['max']:.3f} |"
+                f"| {name} | {s['n']:.0f} | {s['mean']:.3f} | {s['std']:.3f} | {s['min']:.3f} | {s['max']:.3f} |"
             )
         if self.per_category:
             lines += ["", "| category | n | accuracy |", "|---|---|---|"]
@@ -465,17 +468,25 @@ def _accuracy_bars(plt: Any, cells: dict[str, dict[str, float]], overall: float,
     return fig
 
 
-def write_report(report: EvaluationReport, out_dir: str | os.PathLike, plots: bool = True) -> dict[str, str]:
+def write_report(
+    report: EvaluationReport,
+    out_dir: str | os.PathLike,
+    plots: bool = True,
+    rank_labels: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     """Write report.json, summary.md and (with matplotlib) PNG plots to `out_dir`; return the paths written.
 
     The plots: the score distribution per rank, accuracy per category and, where categories are paths, accuracy
     per level of the path (``accuracy_by_group.png``).
+
+    ``rank_labels`` names the ranks in words in summary.md and the plot legend, e.g. ``{"rank_1": "same policy as
+    the reference", "rank_2": "another policy"}``; report.json keeps the rank keys.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {"json": str(out / "report.json"), "markdown": str(out / "summary.md")}
     write_text(out / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
-    write_text(out / "summary.md", report.to_markdown())
+    write_text(out / "summary.md", report.to_markdown(rank_labels))
     if not plots:
         return written
     try:
@@ -488,7 +499,7 @@ def write_report(report: EvaluationReport, out_dir: str | os.PathLike, plots: bo
         return written
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for rank, values in sorted(report.scores_by_rank.items()):
-        ax.hist(values, bins=30, alpha=0.5, label=rank)
+        ax.hist(values, bins=30, alpha=0.5, label=(rank_labels or {}).get(rank, rank))
     ax.set_xlabel("reward")
     ax.set_ylabel("answers")
     ax.set_title(f"Scores per rank ({report.protocol}, accuracy {report.accuracy:.3f})")

@@ -143,6 +143,8 @@ def build_tiny_policy_pool(tokenizer, out_dir, num_policies: int = 4, seed: int 
     policy also gets a vocabulary of its own: ordinary tokens are split into ``num_policies`` disjoint slices and
     a policy's generation config suppresses every token outside its slice (EOS stays allowed). A policy
     discriminator can then learn what POLAR learns at scale: whether a candidate comes from the reference's policy.
+    Only tokens that survive the trip to text are shared out: answers are stored as text, and a lone byte of a
+    multi-byte character decodes to U+FFFD, the same text for every policy.
 
     Returns:
         The saved policy directories, ``out_dir/policy_0`` ... (model, tokenizer and generation config each).
@@ -151,13 +153,15 @@ def build_tiny_policy_pool(tokenizer, out_dir, num_policies: int = 4, seed: int 
     from pathlib import Path
 
     special = set(tokenizer.all_special_ids)
-    ordinary = [i for i in range(len(tokenizer)) if i not in special]
+    ordinary = [i for i in range(len(tokenizer)) if i not in special and _round_trips(tokenizer, i)]
     random.Random(seed).shuffle(ordinary)
     paths = []
     for k in range(num_policies):
         allowed = set(ordinary[k::num_policies])
         model = build_tiny_causal_lm(tokenizer, seed=seed * 1000 + k, **overrides)
-        model.generation_config.suppress_tokens = sorted(set(ordinary) - allowed)
+        model.generation_config.suppress_tokens = sorted(
+            set(range(len(tokenizer))) - allowed - {tokenizer.eos_token_id}
+        )
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         path = Path(out_dir) / f"policy_{k}"
@@ -165,3 +169,9 @@ def build_tiny_policy_pool(tokenizer, out_dir, num_policies: int = 4, seed: int 
         tokenizer.save_pretrained(path)
         paths.append(str(path))
     return paths
+
+
+def _round_trips(tokenizer, token_id: int) -> bool:
+    """Whether a token decodes to text that encodes back to that one token."""
+    text = tokenizer.decode([token_id])
+    return "\ufffd" not in text and tokenizer.encode(text, add_special_tokens=False) == [token_id]

@@ -10,7 +10,7 @@ import typer
 
 def quickstart(
     out_dir: Annotated[Path, typer.Option(help="Where data, models and the report go.")] = Path("polar-quickstart"),
-    num_prompts: Annotated[int, typer.Option(help="Prompts answered by the tiny policy pool.")] = 160,
+    num_prompts: Annotated[int, typer.Option(help="Prompts answered by the tiny policy pool.")] = 320,
     grpo_steps: Annotated[int, typer.Option(help="GRPO steps at the end (0 skips RL).")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of everything.")] = 0,
 ) -> None:
