@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -34,22 +36,29 @@ def _random_ids(generator, vocab, *lengths):
     return [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
 
 
+@pytest.fixture
+def eager_flex(monkeypatch):
+    """FlexAttention without torch.compile: its dense reference, fast for the tiny rows here (compiled: slow tests)."""
+    monkeypatch.setattr(segment_attention, "FLEX_COMPILE", False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        yield
+
+
 @pytest.mark.parametrize(
-    ("path", "waste"),
-    [("buckets", 1.0), ("buckets", 1.3), ("buckets", 1000.0), ("split", 1.3), ("split", 1000.0)],
+    ("kernel", "waste"),
+    [("buckets", 1.0), ("buckets", 1.3), ("buckets", 1000.0), ("split", 1.3), ("split", 1000.0), ("flex", 1.3)],
 )  # waste: a bucket per segment, the default, everything in two
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_hidden_states_equal_full_sequences(arch, attn, path, waste, request, monkeypatch):
+def test_hidden_states_equal_full_sequences(arch, attn, kernel, waste, request, monkeypatch, eager_flex):
     from transformers import AutoModelForSequenceClassification
 
     monkeypatch.setattr(segment_attention, "MAX_PADDING_WASTE", waste)
-    # Inference on CPU takes the log-sum-exp split; the bucketed path is what training and other devices take.
+    # Inference on CPU takes the log-sum-exp split; the buckets are what CPU training takes, flex what CUDA takes.
     calls = []
-    can_split = segment_attention._can_split
-    monkeypatch.setattr(
-        segment_attention, "_can_split", lambda *t: calls.append(path) or (path == "split" and can_split(*t))
-    )
+    choose = segment_attention._choose_kernel
+    monkeypatch.setattr(segment_attention, "_choose_kernel", lambda *a: calls.append(choose(*a)) or calls[-1])
     path = request.getfixturevalue(f"tiny_{arch}_rm_dir")
     model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation=attn).eval()
     backbone = model.model
@@ -60,7 +69,7 @@ def test_hidden_states_equal_full_sequences(arch, attn, path, waste, request, mo
     branches = [_random_ids(g, vocab, 5, 17, 1, 9), _random_ids(g, vocab, 3, 30), _random_ids(g, vocab, 2, 2)]
     alone = _random_ids(g, vocab, 12, 1, 7)
     row, segments, last, full = _row(prefixes, branches, alone)
-    layout = SegmentLayout(segments, torch.device("cpu"))
+    layout = SegmentLayout(segments, torch.device("cpu"), kernel=kernel)
     if waste == 1000.0:
         assert len(layout.buckets) == 2  # one masked bucket of branches, one causal bucket of the rest
     assert layout.split is not None and len(layout.split[1]) == 3  # one context span per prefix
@@ -74,7 +83,69 @@ def test_hidden_states_equal_full_sequences(arch, attn, path, waste, request, mo
         alone_prefix = backbone(input_ids=torch.tensor([prefixes[0]])).last_hidden_state[0]
     torch.testing.assert_close(hidden[: len(prefixes[0])], alone_prefix, atol=1e-5, rtol=1e-5)
     assert model.config._attn_implementation == attn, "the model's own attention is restored after the forward"
-    assert len(calls) == model.config.num_hidden_layers
+    assert calls == [kernel] * model.config.num_hidden_layers
+
+
+def test_cpu_chooses_split_for_inference_and_buckets_for_training():
+    layout = SegmentLayout([Segment(0, 3), Segment(3, 2, 0, 3)], torch.device("cpu"))
+    q = torch.zeros(1, 2, 5, 4)
+    assert segment_attention._choose_kernel(layout, q, q, q, 0.0) == "split"
+    grad = q.clone().requires_grad_(True)
+    assert segment_attention._choose_kernel(layout, grad, grad, grad, 0.0) == "buckets"
+    assert not segment_attention.flex_available(torch.device("cpu"))
+    forced = SegmentLayout([Segment(0, 3), Segment(3, 2, 0, 3)], torch.device("cpu"), kernel="flex")
+    assert segment_attention._choose_kernel(forced, grad, grad, grad, 0.0) == "flex"
+    with pytest.raises(ValueError, match="kernel"):
+        SegmentLayout([Segment(0, 3)], torch.device("cpu"), kernel="dense")
+
+
+def _visible(segments, length):
+    """The exact [T, T] visibility of a row, the slow obvious way (the tail past ``length`` sees only itself)."""
+    visible = torch.zeros(length, length, dtype=torch.bool)
+    covered = torch.zeros(length, dtype=torch.bool)
+    for s in segments:
+        for i in range(s.start, s.start + s.length):
+            visible[i, s.context_start : s.context_start + s.context_length] = True
+            visible[i, s.start : i + 1] = True
+            covered[i] = True
+    return visible | torch.diag(~covered)
+
+
+@pytest.mark.parametrize(
+    "segments",
+    [
+        # A long prefix and long branches (whole tiles skip mask_mod), short branches, a lone sequence.
+        [Segment(0, 300), Segment(300, 400, 0, 300), Segment(700, 5, 0, 300), Segment(705, 130)],
+        # Branches of two prefixes interleaved, a gap no segment covers, one-token segments.
+        [Segment(0, 9), Segment(9, 6), Segment(15, 4, 0, 9), Segment(19, 3, 9, 6), Segment(22, 1, 0, 9)]
+        + [Segment(30, 1), Segment(31, 140, 30, 1)],
+        # Exactly one tile.
+        [Segment(0, 100), Segment(100, 28, 0, 100)],
+    ],
+)
+def test_flex_block_mask_is_the_exact_visibility(segments):
+    """What FlexAttention computes (whole tiles, plus tiles masked per element by mask_mod, nothing else) is exactly
+    each token's context and causal self; whole tiles are really whole, and tiles nobody sees are skipped."""
+    layout = SegmentLayout(segments, torch.device("cpu"), kernel="flex")
+    mask = layout.flex
+    padded = mask.seq_lengths[0]
+    assert padded % segment_attention.FLEX_BLOCK == 0 and padded - layout.length < segment_attention.FLEX_BLOCK
+    partial_tiles, full_tiles = (torch.zeros(padded // 128, padded // 128, dtype=torch.bool) for _ in range(2))
+    for tiles, num, index in (
+        (partial_tiles, mask.kv_num_blocks, mask.kv_indices),
+        (full_tiles, mask.full_kv_num_blocks, mask.full_kv_indices),
+    ):
+        for qb in range(padded // 128):
+            tiles[qb, index[0, 0, qb, : num[0, 0, qb]].long()] = True
+    assert not (partial_tiles & full_tiles).any()
+    expand = lambda t: t.repeat_interleave(128, 0).repeat_interleave(128, 1)  # noqa: E731
+    q, kv = torch.arange(padded)[:, None], torch.arange(padded)[None, :]
+    computed = expand(full_tiles) | (expand(partial_tiles) & mask.mask_mod(0, 0, q, kv))
+    torch.testing.assert_close(computed, _visible(segments, padded), rtol=0, atol=0)
+    # Whole tiles take no mask_mod: every pair in them must be visible.
+    assert _visible(segments, padded)[expand(full_tiles)].all()
+    if segments[0].length == 300:
+        assert full_tiles.any() and not (partial_tiles | full_tiles).all()
 
 
 def test_interleaved_branches_take_the_bucketed_path(tiny_qwen2_rm_dir):
@@ -88,6 +159,8 @@ def test_interleaved_branches_take_the_bucketed_path(tiny_qwen2_rm_dir):
     segments = [Segment(0, 9), Segment(9, 6), Segment(15, 4, 0, 9), Segment(19, 3, 9, 6), Segment(22, 5, 0, 9)]
     layout = SegmentLayout(segments, torch.device("cpu"))
     assert layout.split is None
+    with pytest.raises(ValueError, match="contiguous run"):
+        segment_forward(model.model, torch.tensor(row), SegmentLayout(segments, torch.device("cpu"), kernel="split"))
     with torch.inference_mode():
         hidden = segment_forward(model.model, torch.tensor(row), layout)
         for position, seq in ((18, p1 + a), (21, p2 + b), (26, p1 + c)):
