@@ -266,6 +266,11 @@ def _flex_kernel(compiled: bool):
     return torch.compile(flex_attention) if compiled else flex_attention
 
 
+def has_sliding_window(config) -> bool:
+    """Whether a model config has sliding-window layers, which segment attention does not implement."""
+    return "sliding_attention" in (getattr(config, "layer_types", None) or ())
+
+
 def flex_available(device: torch.device) -> bool:
     """Whether `segment_attention_forward` runs FlexAttention on ``device`` by default (CUDA with triton)."""
     if device.type != "cuda":
