@@ -198,3 +198,25 @@ def test_attention_without_layout_says_how_to_call_it():
     q = torch.zeros(1, 2, 3, 4)
     with pytest.raises(TypeError, match="segment_layout=SegmentLayout"):
         segment_attention.segment_attention_forward(torch.nn.Module(), q, q, q, None)
+
+
+@pytest.mark.slow
+def test_compiled_flex_on_cpu_is_exact_and_compiles_at_most_twice(tiny_llama_rm_dir):
+    """The fused kernel (torch.compile'd flex, C++ on CPU; forward only, torch has no CPU flex backward): rows of
+    several lengths give the full sequences' values, from at most two compiles (static, then dynamic shapes)."""
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama_rm_dir, attn_implementation="sdpa").eval()
+    backbone = model.model
+    g = torch.Generator().manual_seed(3)
+    vocab = model.config.vocab_size
+    before = counters["stats"]["unique_graphs"]
+    for prefix, branches in ((20, (3, 9)), (150, (40, 90, 1)), (300, (5,))):
+        row, segments, last, full = _row([_random_ids(g, vocab, prefix)[0]], [_random_ids(g, vocab, *branches)], [])
+        layout = SegmentLayout(segments, torch.device("cpu"), kernel="flex")
+        with torch.inference_mode():
+            hidden = segment_forward(backbone, torch.tensor(row), layout)
+            expected = [backbone(input_ids=torch.tensor([seq])).last_hidden_state[0, -1] for seq in full]
+        torch.testing.assert_close(hidden[last], torch.stack(expected), atol=1e-5, rtol=1e-5)
+    assert 1 <= counters["stats"]["unique_graphs"] - before <= 2

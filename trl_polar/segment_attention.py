@@ -33,6 +33,8 @@ ATTENTION_NAME = "polar_segments"
 # Kernels of `segment_attention_forward`: "auto" chooses by device (flex on CUDA; on CPU the log-sum-exp split for
 # inference, buckets for training); the others force one, for tests and benchmarks.
 KERNELS = ("auto", "flex", "buckets", "split")
+# The kernel of a layout built without one (benchmarks compare kernels by setting it).
+DEFAULT_KERNEL = "auto"
 # FlexAttention tile (queries x keys) and the multiple the row's attention length is rounded up to.
 FLEX_BLOCK = 128
 # Run FlexAttention through torch.compile (its fused kernel). Eager flex computes a dense reference instead: only for
@@ -97,7 +99,8 @@ class SegmentLayout:
     ((1, 3), (2, 5))
     """
 
-    def __init__(self, segments: Sequence[Segment], device: torch.device, kernel: str = "auto") -> None:
+    def __init__(self, segments: Sequence[Segment], device: torch.device, kernel: str | None = None) -> None:
+        kernel = DEFAULT_KERNEL if kernel is None else kernel
         if kernel not in KERNELS:
             raise ValueError(f"`kernel` must be one of {list(KERNELS)}, got {kernel!r}.")
         self.kernel = kernel
