@@ -86,6 +86,9 @@ class _Bucket:
 class SegmentLayout:
     """The attention plan of one row: position ids and the buckets, on ``device``.
 
+    ``kernel`` picks what computes it: "auto" (`DEFAULT_KERNEL`'s default) runs FlexAttention on CUDA and, on CPU,
+    the log-sum-exp split for inference and the buckets for training; "flex", "buckets" or "split" force one.
+
     A prefix of 3 tokens and two 2-token candidates after it: the prefix gets a plain causal bucket, the candidates
     share one masked bucket (keys: the 3 context slots, then their own 2).
 
