@@ -273,12 +273,23 @@ def _flex_kernel(compiled: bool):
 
 
 def has_sliding_window(config) -> bool:
-    """Whether a model config has sliding-window layers, which segment attention does not implement."""
+    """Whether a model config has sliding-window layers, which segment attention does not implement.
+
+    >>> from transformers import Qwen2Config
+    >>> has_sliding_window(Qwen2Config(num_hidden_layers=2)), has_sliding_window(
+    ...     Qwen2Config(num_hidden_layers=2, use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    ... )
+    (False, True)
+    """
     return "sliding_attention" in (getattr(config, "layer_types", None) or ())
 
 
 def flex_available(device: torch.device) -> bool:
-    """Whether `segment_attention_forward` runs FlexAttention on ``device`` by default (CUDA with triton)."""
+    """Whether `segment_attention_forward` runs FlexAttention on ``device`` by default (CUDA with triton).
+
+    >>> flex_available(torch.device("cpu"))
+    False
+    """
     if device.type != "cuda":
         return False
     try:
