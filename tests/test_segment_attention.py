@@ -111,6 +111,29 @@ def _visible(segments, length):
     return visible | torch.diag(~covered)
 
 
+def _assert_flex_exact(layout):
+    """What FlexAttention computes from the layout's block mask (whole tiles, plus tiles masked per element by
+    mask_mod, nothing else) is exactly the row's visibility, and whole tiles are really whole. Returns the tiles."""
+    mask = layout.flex
+    padded = mask.seq_lengths[0]
+    tiles = padded // segment_attention.FLEX_BLOCK
+    partial_tiles, full_tiles = (torch.zeros(tiles, tiles, dtype=torch.bool) for _ in range(2))
+    for found, num, index in (
+        (partial_tiles, mask.kv_num_blocks, mask.kv_indices),
+        (full_tiles, mask.full_kv_num_blocks, mask.full_kv_indices),
+    ):
+        for qb in range(tiles):
+            found[qb, index[0, 0, qb, : num[0, 0, qb]].long()] = True
+    assert not (partial_tiles & full_tiles).any()
+    expand = lambda t: t.repeat_interleave(128, 0).repeat_interleave(128, 1)  # noqa: E731
+    q, kv = torch.arange(padded)[:, None], torch.arange(padded)[None, :]
+    visible = _visible(layout.segments, padded)
+    computed = expand(full_tiles) | (expand(partial_tiles) & mask.mask_mod(0, 0, q, kv))
+    torch.testing.assert_close(computed, visible, rtol=0, atol=0)
+    assert visible[expand(full_tiles)].all()  # whole tiles take no mask_mod
+    return partial_tiles, full_tiles
+
+
 @pytest.mark.parametrize(
     "segments",
     [
@@ -127,23 +150,9 @@ def test_flex_block_mask_is_the_exact_visibility(segments):
     """What FlexAttention computes (whole tiles, plus tiles masked per element by mask_mod, nothing else) is exactly
     each token's context and causal self; whole tiles are really whole, and tiles nobody sees are skipped."""
     layout = SegmentLayout(segments, torch.device("cpu"), kernel="flex")
-    mask = layout.flex
-    padded = mask.seq_lengths[0]
+    padded = layout.flex.seq_lengths[0]
     assert padded % segment_attention.FLEX_BLOCK == 0 and padded - layout.length < segment_attention.FLEX_BLOCK
-    partial_tiles, full_tiles = (torch.zeros(padded // 128, padded // 128, dtype=torch.bool) for _ in range(2))
-    for tiles, num, index in (
-        (partial_tiles, mask.kv_num_blocks, mask.kv_indices),
-        (full_tiles, mask.full_kv_num_blocks, mask.full_kv_indices),
-    ):
-        for qb in range(padded // 128):
-            tiles[qb, index[0, 0, qb, : num[0, 0, qb]].long()] = True
-    assert not (partial_tiles & full_tiles).any()
-    expand = lambda t: t.repeat_interleave(128, 0).repeat_interleave(128, 1)  # noqa: E731
-    q, kv = torch.arange(padded)[:, None], torch.arange(padded)[None, :]
-    computed = expand(full_tiles) | (expand(partial_tiles) & mask.mask_mod(0, 0, q, kv))
-    torch.testing.assert_close(computed, _visible(segments, padded), rtol=0, atol=0)
-    # Whole tiles take no mask_mod: every pair in them must be visible.
-    assert _visible(segments, padded)[expand(full_tiles)].all()
+    partial_tiles, full_tiles = _assert_flex_exact(layout)
     if segments[0].length == 300:
         assert full_tiles.any() and not (partial_tiles | full_tiles).all()
 
@@ -220,3 +229,21 @@ def test_compiled_flex_on_cpu_is_exact_and_compiles_at_most_twice(tiny_llama_rm_
             expected = [backbone(input_ids=torch.tensor([seq])).last_hidden_state[0, -1] for seq in full]
         torch.testing.assert_close(hidden[last], torch.stack(expected), atol=1e-5, rtol=1e-5)
     assert 1 <= counters["stats"]["unique_graphs"] - before <= 2
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_flex_block_mask_of_packed_rows(seed):
+    """Rows as the scorer and the collator lay them out (random groups and lone sequences): the tiles FlexAttention
+    computes give exactly the visibility of the row."""
+    from trl_polar.packing import group_units, lay_out
+
+    g = torch.Generator().manual_seed(seed)
+    sequences, units = [], []
+    for _ in range(int(torch.randint(1, 4, (1,), generator=g))):
+        prefix = _random_ids(g, 50, int(torch.randint(1, 200, (1,), generator=g)))[0]
+        sizes = torch.randint(1, 150, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
+        members = range(len(sequences), len(sequences) + len(sizes))
+        sequences += [prefix + branch for branch in _random_ids(g, 50, *sizes)]
+        units += group_units(sequences, members)
+    row = lay_out(sequences, units)
+    _assert_flex_exact(SegmentLayout(row.segments, torch.device("cpu"), kernel="flex"))
