@@ -247,3 +247,23 @@ def test_flex_block_mask_of_packed_rows(seed):
         units += group_units(sequences, members)
     row = lay_out(sequences, units)
     _assert_flex_exact(SegmentLayout(row.segments, torch.device("cpu"), kernel="flex"))
+
+
+def test_a_failing_flex_kernel_falls_back_to_the_buckets(tiny_qwen2_rm_dir, monkeypatch, eager_flex, caplog):
+    """Where "auto" picks flex and it fails (here: torch's flex refuses gradients on CPU), the row still runs, exactly,
+    through the buckets, and that kernel is not tried again for the same inputs; a forced flex kernel raises."""
+    from transformers import AutoModelForSequenceClassification
+
+    monkeypatch.setattr(segment_attention, "flex_available", lambda device: True)
+    monkeypatch.setattr(segment_attention, "_FLEX_FAILED", set())
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_qwen2_rm_dir, attn_implementation="sdpa")
+    g = torch.Generator().manual_seed(4)
+    row, segments, last, full = _row([_random_ids(g, 500, 20)[0]], [_random_ids(g, 500, 4, 9)], [])
+    with caplog.at_level("WARNING", logger="trl_polar.segment_attention"):
+        hidden = segment_forward(model.model, torch.tensor(row), SegmentLayout(segments, torch.device("cpu")))
+    assert "flex kernel failed" in caplog.text and len(segment_attention._FLEX_FAILED) == 1
+    assert caplog.text.count("flex kernel failed") == 1  # the other layers took the buckets without trying
+    expected = [model.model(input_ids=torch.tensor([seq])).last_hidden_state[0, -1] for seq in full]
+    torch.testing.assert_close(hidden[last], torch.stack(expected), atol=1e-5, rtol=1e-5)
+    with pytest.raises(NotImplementedError, match="backward"):
+        segment_forward(model.model, torch.tensor(row), SegmentLayout(segments, torch.device("cpu"), kernel="flex"))

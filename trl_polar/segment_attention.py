@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 ATTENTION_NAME = "polar_segments"
 # Kernels of `segment_attention_forward`: "auto" chooses by device (flex on CUDA; on CPU the log-sum-exp split for
@@ -315,11 +318,19 @@ def _flex_attention(
     return out[:, :, :length].transpose(1, 2)
 
 
+# (device type, dtype, head_dim, grad mode) where the flex kernel failed: "auto" takes the buckets there from then on.
+_FLEX_FAILED: set[tuple] = set()
+
+
+def _flex_key(query: torch.Tensor) -> tuple:
+    return query.device.type, query.dtype, query.shape[-1], query.requires_grad
+
+
 def _choose_kernel(layout: SegmentLayout, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float):
     if layout.kernel != "auto":
         return layout.kernel
     # FlexAttention has no attention dropout; a model that trains with it takes the buckets.
-    if not dropout and flex_available(query.device):
+    if not dropout and flex_available(query.device) and _flex_key(query) not in _FLEX_FAILED:
         return "flex"
     if _can_split(query, key, value) and layout.split is not None:
         return "split"
@@ -351,7 +362,18 @@ def segment_attention_forward(
     if kernel == "flex":
         if dropout:
             raise ValueError(f"The flex kernel of {ATTENTION_NAME} attention has no dropout; use kernel='buckets'.")
-        return _flex_attention(layout, *_autocast(query, key, value), scaling), None
+        try:
+            return _flex_attention(layout, *_autocast(query, key, value), scaling), None
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # compilation can fail in many ways (toolchain, head size, torch version)
+            if layout.kernel != "auto":
+                raise
+            # A failed fast kernel must not stop a run: the buckets compute the same, exactly.
+            logger.warning(
+                "The flex kernel failed (%s: %s); segment attention takes the buckets.", type(err).__name__, err
+            )
+            _FLEX_FAILED.add(_flex_key(query))
     q, k, v = (t[0].transpose(0, 1) for t in _autocast(query, key, value))  # [T, heads, head_dim]
     if kernel == "split":
         if layout.split is None or not _can_split(query, key, value):
