@@ -179,6 +179,24 @@ def test_cuda_training_shared_prefix_and_packed_match_padded(tmp_path, tiny_qwen
 
 
 @cuda
+def test_cuda_bf16_mixed_precision_training_through_flex(tmp_path, tiny_qwen2_rm_dir):
+    """bf16 autocast (the training default on GPUs): the flex row's loss and gradients stay as close to the padded
+    bf16 ones as bf16 allows, forward and backward through the compiled kernel."""
+    ds = Dataset.from_list(toy_rows(6, seed=3, messages=True))
+    results = {}
+    for batching in ("padded", "shared_prefix"):
+        args = _config(tmp_path, batching=batching, use_cpu=False, bf16=True)
+        trainer = PolarRewardTrainer(model=_load(tiny_qwen2_rm_dir), args=args, train_dataset=ds)
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # what accelerate wraps the training forward in
+            results[batching] = _loss_and_grads(trainer, range(6))
+    (loss0, grads0, _), (loss, grads, _) = results["padded"], results["shared_prefix"]
+    assert abs(loss - loss0) <= 2e-2
+    for name in grads0:
+        assert torch.isfinite(grads[name]).all()
+        torch.testing.assert_close(grads[name], grads0[name], atol=5e-2, rtol=5e-2, msg=name)
+
+
+@cuda
 def test_cuda_recompilation_is_bounded(tiny_llama_rm_dir):
     """Rows of many lengths: at most two compiles of the flex kernel (static, then dynamic) per grad mode."""
     from torch._dynamo.utils import counters

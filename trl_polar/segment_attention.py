@@ -312,9 +312,12 @@ def _flex_attention(
     tail = block_mask.seq_lengths[0] - length
     if tail:
         query, key, value = (F.pad(t, (0, 0, 0, tail)) for t in (query, key, value))
-    out = _flex_kernel(FLEX_COMPILE)(
-        query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
-    )
+    # The inputs already have the autocast dtype (`_autocast`); tracing the kernel outside autocast keeps torch's
+    # compiled flex backward off its mixed-precision lowering.
+    with torch.autocast(query.device.type, enabled=False):
+        out = _flex_kernel(FLEX_COMPILE)(
+            query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+        )
     return out[:, :, :length].transpose(1, 2)
 
 
