@@ -37,7 +37,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from bench_model import add_model_args, build_model  # noqa: E402
+from bench_mfu import attention_pairs, device_name, mfu, model_flops, peak_bf16_flops  # noqa: E402
+from bench_model import add_model_args, build_model, shapes, use_kernel  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -64,6 +65,7 @@ def parse_args(argv=None):
 def load(args, model_dir):
     from trl_polar.scorer import PolarScorer
 
+    use_kernel(args)
     return PolarScorer(model_dir, max_tokens_per_batch=args.budget, device=args.device, dtype=args.dtype)
 
 
@@ -176,14 +178,20 @@ def one_sequence_forward(scorer, ids, keys, budget):
             start = stop
 
 
-def unique_token_count(ids, keys):
-    """Tokens left once every (prompt, reference) group's common prefix is counted once."""
-    from trl_polar.packing import group_units
+def unique_work(ids, keys):
+    """Tokens left once every (prompt, reference) group's common prefix is counted once, and the query-key pairs
+    those tokens need (each sees its prefix and causally itself): the useful work MFU counts."""
+    from trl_polar.packing import group_units, lay_out
 
     groups = {}
     for i, key in enumerate(keys):
         groups.setdefault(key, []).append(i)
-    return sum(unit.tokens(ids) for members in groups.values() for unit in group_units(ids, members))
+    tokens = pairs = 0
+    for members in groups.values():
+        row = lay_out(ids, group_units(ids, members))
+        tokens += len(row)
+        pairs += attention_pairs((s.start, s.length, s.context_start, s.context_length) for s in row.segments)
+    return tokens, pairs
 
 
 def timed(fns, repeats):
@@ -280,7 +288,10 @@ def main(argv=None):
         ids = scorer.encode(prompts, references, candidates)
         n = len(candidates)
         total_tokens = sum(len(x) for x in ids)
-        unique_tokens = unique_token_count(ids, list(zip(prompts, references, strict=True)))
+        unique_tokens, unique_pairs = unique_work(ids, list(zip(prompts, references, strict=True)))
+        config = scorer.model.config
+        useful_flops = model_flops(config, unique_tokens, unique_pairs)
+        gpu, peak = device_name(scorer.device), peak_bf16_flops(device_name(scorer.device))
         print(
             f"model: {args.arch} {params / 1e6:.1f}M params, device {scorer.device}, {args.dtype}; "
             f"{args.prompts} prompts x G={args.G}: {n} completions, {total_tokens} tokens "
@@ -288,6 +299,12 @@ def main(argv=None):
             flush=True,
         )
         keys = list(zip(prompts, references, strict=True))
+        # The first call pays for settling the path and, on CUDA, for compiling the flex kernel.
+        start = time.perf_counter()
+        scorer.score_ids(ids, keys)
+        if scorer.device.type == "cuda":
+            torch.cuda.synchronize()
+        first_call = time.perf_counter() - start
         times, results = timed(
             {
                 "naive": lambda: naive(scorer, prompts, references, candidates, args.naive_batch),
@@ -320,6 +337,18 @@ def main(argv=None):
             print(f"{name:<38} {end} {fwd}")
         print(f"PolarScorer tokenization alone: {t_encode:.3f} s ({scorer.encode_workers} threads)")
         print(f"max |naive - PolarScorer| = {max_diff:.2e}", flush=True)
+        utilisation = {
+            "polar": mfu(useful_flops, t_polar, peak),
+            "polar_forward": mfu(useful_flops, f_polar, peak),
+            "naive_forward": mfu(useful_flops, f_naive, peak),
+            "limit_forward": mfu(useful_flops, f_limit, peak),
+        }
+        print(
+            f"{gpu}: {useful_flops / 1e12:.2f} TFLOP of unique-token model work; MFU {utilisation} "
+            f"(peak {peak / 1e12 if peak else None} TFLOP/s bf16); first call {first_call:.2f} s "
+            f"(best {f_polar:.2f} s)",
+            flush=True,
+        )
         result = {
             "speedup_vs_naive": round(t_naive / t_polar, 3),
             "fraction_of_limit": round(t_limit / t_polar, 3),
@@ -340,7 +369,23 @@ def main(argv=None):
             "unique_tokens": unique_tokens,
             "params_millions": round(params / 1e6, 2),
             "device": str(scorer.device),
+            "gpu": gpu,
             "dtype": args.dtype,
+            "mfu": utilisation,
+            "peak_tflops": peak / 1e12 if peak else None,
+            "unique_tflop": float(f"{useful_flops / 1e12:.6g}"),
+            "first_call_seconds": round(first_call, 3),
+            "compile_seconds": round(max(0.0, first_call - f_polar), 3),
+            "kernel": args.kernel,
+            "shapes": {
+                **shapes(args, config),
+                "prompts": args.prompts,
+                "G": args.G,
+                "prompt_tokens": args.prompt_tokens,
+                "reference_tokens": args.reference_tokens,
+                "completion_tokens": [args.min_completion, args.max_completion],
+                "budget": args.budget,
+            },
         }
         if not args.skip_memory:
             del scorer

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -34,22 +36,29 @@ def _random_ids(generator, vocab, *lengths):
     return [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in lengths]
 
 
+@pytest.fixture
+def eager_flex(monkeypatch):
+    """FlexAttention without torch.compile: its dense reference, fast for the tiny rows here (compiled: slow tests)."""
+    monkeypatch.setattr(segment_attention, "FLEX_COMPILE", False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        yield
+
+
 @pytest.mark.parametrize(
-    ("path", "waste"),
-    [("buckets", 1.0), ("buckets", 1.3), ("buckets", 1000.0), ("split", 1.3), ("split", 1000.0)],
+    ("kernel", "waste"),
+    [("buckets", 1.0), ("buckets", 1.3), ("buckets", 1000.0), ("split", 1.3), ("split", 1000.0), ("flex", 1.3)],
 )  # waste: a bucket per segment, the default, everything in two
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_hidden_states_equal_full_sequences(arch, attn, path, waste, request, monkeypatch):
+def test_hidden_states_equal_full_sequences(arch, attn, kernel, waste, request, monkeypatch, eager_flex):
     from transformers import AutoModelForSequenceClassification
 
     monkeypatch.setattr(segment_attention, "MAX_PADDING_WASTE", waste)
-    # Inference on CPU takes the log-sum-exp split; the bucketed path is what training and other devices take.
+    # Inference on CPU takes the log-sum-exp split; the buckets are what CPU training takes, flex what CUDA takes.
     calls = []
-    can_split = segment_attention._can_split
-    monkeypatch.setattr(
-        segment_attention, "_can_split", lambda *t: calls.append(path) or (path == "split" and can_split(*t))
-    )
+    choose = segment_attention._choose_kernel
+    monkeypatch.setattr(segment_attention, "_choose_kernel", lambda *a: calls.append(choose(*a)) or calls[-1])
     path = request.getfixturevalue(f"tiny_{arch}_rm_dir")
     model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation=attn).eval()
     backbone = model.model
@@ -60,7 +69,7 @@ def test_hidden_states_equal_full_sequences(arch, attn, path, waste, request, mo
     branches = [_random_ids(g, vocab, 5, 17, 1, 9), _random_ids(g, vocab, 3, 30), _random_ids(g, vocab, 2, 2)]
     alone = _random_ids(g, vocab, 12, 1, 7)
     row, segments, last, full = _row(prefixes, branches, alone)
-    layout = SegmentLayout(segments, torch.device("cpu"))
+    layout = SegmentLayout(segments, torch.device("cpu"), kernel=kernel)
     if waste == 1000.0:
         assert len(layout.buckets) == 2  # one masked bucket of branches, one causal bucket of the rest
     assert layout.split is not None and len(layout.split[1]) == 3  # one context span per prefix
@@ -74,7 +83,78 @@ def test_hidden_states_equal_full_sequences(arch, attn, path, waste, request, mo
         alone_prefix = backbone(input_ids=torch.tensor([prefixes[0]])).last_hidden_state[0]
     torch.testing.assert_close(hidden[: len(prefixes[0])], alone_prefix, atol=1e-5, rtol=1e-5)
     assert model.config._attn_implementation == attn, "the model's own attention is restored after the forward"
-    assert len(calls) == model.config.num_hidden_layers
+    assert calls == [kernel] * model.config.num_hidden_layers
+
+
+def test_cpu_chooses_split_for_inference_and_buckets_for_training():
+    layout = SegmentLayout([Segment(0, 3), Segment(3, 2, 0, 3)], torch.device("cpu"))
+    q = torch.zeros(1, 2, 5, 4)
+    assert segment_attention._choose_kernel(layout, q, q, q, 0.0) == "split"
+    grad = q.clone().requires_grad_(True)
+    assert segment_attention._choose_kernel(layout, grad, grad, grad, 0.0) == "buckets"
+    assert not segment_attention.flex_available(torch.device("cpu"))
+    forced = SegmentLayout([Segment(0, 3), Segment(3, 2, 0, 3)], torch.device("cpu"), kernel="flex")
+    assert segment_attention._choose_kernel(forced, grad, grad, grad, 0.0) == "flex"
+    with pytest.raises(ValueError, match="kernel"):
+        SegmentLayout([Segment(0, 3)], torch.device("cpu"), kernel="dense")
+
+
+def _visible(segments, length):
+    """The exact [T, T] visibility of a row, the slow obvious way (the tail past ``length`` sees only itself)."""
+    visible = torch.zeros(length, length, dtype=torch.bool)
+    covered = torch.zeros(length, dtype=torch.bool)
+    for s in segments:
+        for i in range(s.start, s.start + s.length):
+            visible[i, s.context_start : s.context_start + s.context_length] = True
+            visible[i, s.start : i + 1] = True
+            covered[i] = True
+    return visible | torch.diag(~covered)
+
+
+def _assert_flex_exact(layout):
+    """What FlexAttention computes from the layout's block mask (whole tiles, plus tiles masked per element by
+    mask_mod, nothing else) is exactly the row's visibility, and whole tiles are really whole. Returns the tiles."""
+    mask = layout.flex
+    padded = mask.seq_lengths[0]
+    tiles = padded // segment_attention.FLEX_BLOCK
+    partial_tiles, full_tiles = (torch.zeros(tiles, tiles, dtype=torch.bool) for _ in range(2))
+    for found, num, index in (
+        (partial_tiles, mask.kv_num_blocks, mask.kv_indices),
+        (full_tiles, mask.full_kv_num_blocks, mask.full_kv_indices),
+    ):
+        for qb in range(tiles):
+            found[qb, index[0, 0, qb, : num[0, 0, qb]].long()] = True
+    assert not (partial_tiles & full_tiles).any()
+    expand = lambda t: t.repeat_interleave(128, 0).repeat_interleave(128, 1)  # noqa: E731
+    q, kv = torch.arange(padded)[:, None], torch.arange(padded)[None, :]
+    visible = _visible(layout.segments, padded)
+    computed = expand(full_tiles) | (expand(partial_tiles) & mask.mask_mod(0, 0, q, kv))
+    torch.testing.assert_close(computed, visible, rtol=0, atol=0)
+    assert visible[expand(full_tiles)].all()  # whole tiles take no mask_mod
+    return partial_tiles, full_tiles
+
+
+@pytest.mark.parametrize(
+    "segments",
+    [
+        # A long prefix and long branches (whole tiles skip mask_mod), short branches, a lone sequence.
+        [Segment(0, 300), Segment(300, 400, 0, 300), Segment(700, 5, 0, 300), Segment(705, 130)],
+        # Branches of two prefixes interleaved, a gap no segment covers, one-token segments.
+        [Segment(0, 9), Segment(9, 6), Segment(15, 4, 0, 9), Segment(19, 3, 9, 6), Segment(22, 1, 0, 9)]
+        + [Segment(30, 1), Segment(31, 140, 30, 1)],
+        # Exactly one tile.
+        [Segment(0, 100), Segment(100, 28, 0, 100)],
+    ],
+)
+def test_flex_block_mask_is_the_exact_visibility(segments):
+    """What FlexAttention computes (whole tiles, plus tiles masked per element by mask_mod, nothing else) is exactly
+    each token's context and causal self; whole tiles are really whole, and tiles nobody sees are skipped."""
+    layout = SegmentLayout(segments, torch.device("cpu"), kernel="flex")
+    padded = layout.flex.seq_lengths[0]
+    assert padded % segment_attention.FLEX_BLOCK == 0 and padded - layout.length < segment_attention.FLEX_BLOCK
+    partial_tiles, full_tiles = _assert_flex_exact(layout)
+    if segments[0].length == 300:
+        assert full_tiles.any() and not (partial_tiles | full_tiles).all()
 
 
 def test_interleaved_branches_take_the_bucketed_path(tiny_qwen2_rm_dir):
@@ -88,6 +168,8 @@ def test_interleaved_branches_take_the_bucketed_path(tiny_qwen2_rm_dir):
     segments = [Segment(0, 9), Segment(9, 6), Segment(15, 4, 0, 9), Segment(19, 3, 9, 6), Segment(22, 5, 0, 9)]
     layout = SegmentLayout(segments, torch.device("cpu"))
     assert layout.split is None
+    with pytest.raises(ValueError, match="contiguous run"):
+        segment_forward(model.model, torch.tensor(row), SegmentLayout(segments, torch.device("cpu"), kernel="split"))
     with torch.inference_mode():
         hidden = segment_forward(model.model, torch.tensor(row), layout)
         for position, seq in ((18, p1 + a), (21, p2 + b), (26, p1 + c)):
@@ -125,3 +207,63 @@ def test_attention_without_layout_says_how_to_call_it():
     q = torch.zeros(1, 2, 3, 4)
     with pytest.raises(TypeError, match="segment_layout=SegmentLayout"):
         segment_attention.segment_attention_forward(torch.nn.Module(), q, q, q, None)
+
+
+@pytest.mark.slow
+def test_compiled_flex_on_cpu_is_exact_and_compiles_at_most_twice(tiny_llama_rm_dir):
+    """The fused kernel (torch.compile'd flex, C++ on CPU; forward only, torch has no CPU flex backward): rows of
+    several lengths give the full sequences' values, from at most two compiles (static, then dynamic shapes)."""
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama_rm_dir, attn_implementation="sdpa").eval()
+    backbone = model.model
+    g = torch.Generator().manual_seed(3)
+    vocab = model.config.vocab_size
+    before = counters["stats"]["unique_graphs"]
+    for prefix, branches in ((20, (3, 9)), (150, (40, 90, 1)), (300, (5,))):
+        row, segments, last, full = _row([_random_ids(g, vocab, prefix)[0]], [_random_ids(g, vocab, *branches)], [])
+        layout = SegmentLayout(segments, torch.device("cpu"), kernel="flex")
+        with torch.inference_mode():
+            hidden = segment_forward(backbone, torch.tensor(row), layout)
+            expected = [backbone(input_ids=torch.tensor([seq])).last_hidden_state[0, -1] for seq in full]
+        torch.testing.assert_close(hidden[last], torch.stack(expected), atol=1e-5, rtol=1e-5)
+    assert 1 <= counters["stats"]["unique_graphs"] - before <= 2
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_flex_block_mask_of_packed_rows(seed):
+    """Rows as the scorer and the collator lay them out (random groups and lone sequences): the tiles FlexAttention
+    computes give exactly the visibility of the row."""
+    from trl_polar.packing import group_units, lay_out
+
+    g = torch.Generator().manual_seed(seed)
+    sequences, units = [], []
+    for _ in range(int(torch.randint(1, 4, (1,), generator=g))):
+        prefix = _random_ids(g, 50, int(torch.randint(1, 200, (1,), generator=g)))[0]
+        sizes = torch.randint(1, 150, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
+        members = range(len(sequences), len(sequences) + len(sizes))
+        sequences += [prefix + branch for branch in _random_ids(g, 50, *sizes)]
+        units += group_units(sequences, members)
+    row = lay_out(sequences, units)
+    _assert_flex_exact(SegmentLayout(row.segments, torch.device("cpu"), kernel="flex"))
+
+
+def test_a_failing_flex_kernel_falls_back_to_the_buckets(tiny_qwen2_rm_dir, monkeypatch, eager_flex, caplog):
+    """Where "auto" picks flex and it fails (here: torch's flex refuses gradients on CPU), the row still runs, exactly,
+    through the buckets, and that kernel is not tried again for the same inputs; a forced flex kernel raises."""
+    from transformers import AutoModelForSequenceClassification
+
+    monkeypatch.setattr(segment_attention, "flex_available", lambda device: True)
+    monkeypatch.setattr(segment_attention, "_FLEX_FAILED", set())
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_qwen2_rm_dir, attn_implementation="sdpa")
+    g = torch.Generator().manual_seed(4)
+    row, segments, last, full = _row([_random_ids(g, 500, 20)[0]], [_random_ids(g, 500, 4, 9)], [])
+    with caplog.at_level("WARNING", logger="trl_polar.segment_attention"):
+        hidden = segment_forward(model.model, torch.tensor(row), SegmentLayout(segments, torch.device("cpu")))
+    assert "flex kernel failed" in caplog.text and len(segment_attention._FLEX_FAILED) == 1
+    assert caplog.text.count("flex kernel failed") == 1  # the other layers took the buckets without trying
+    expected = [model.model(input_ids=torch.tensor([seq])).last_hidden_state[0, -1] for seq in full]
+    torch.testing.assert_close(hidden[last], torch.stack(expected), atol=1e-5, rtol=1e-5)
+    with pytest.raises(NotImplementedError, match="backward"):
+        segment_forward(model.model, torch.tensor(row), SegmentLayout(segments, torch.device("cpu"), kernel="flex"))

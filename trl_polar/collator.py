@@ -56,6 +56,9 @@ class PolarDataCollator(DataCollatorForPreference):
         max_row_length: most tokens per packed row, filled greedily (a group that is longer gets its own row); None
             puts each group in a row of its own, the fastest choice for sdpa and eager attention, whose cost grows
             with the square of the row length. A shared-prefix batch is always one row.
+        segment_attention: lay "packed" batches out as one unpadded row with ``segments``, as "shared_prefix" but
+            without sharing prefixes, for segment attention to run (the trainer sets it on CUDA, where segment
+            attention's flex kernel needs no mask; sdpa would build a dense one for packed rows).
 
     Example:
 
@@ -69,6 +72,7 @@ class PolarDataCollator(DataCollatorForPreference):
 
     batching: str = "padded"
     max_row_length: int | None = None
+    segment_attention: bool = False
 
     def __post_init__(self) -> None:
         if self.batching not in BATCHING_MODES:
@@ -120,7 +124,8 @@ class PolarDataCollator(DataCollatorForPreference):
             units.extend(group_units(sequences, members, shared=shared))
             index[g, : len(group)] = torch.as_tensor(members)
             start += len(group)
-        if shared:
+        one_row = shared or self.segment_attention
+        if one_row:
             # Segment attention keeps every branch to its prefix and itself, so the whole batch is one row: no
             # padding, and a row's length costs nothing by itself.
             rows = [lay_out(sequences, units)]
@@ -144,7 +149,7 @@ class PolarDataCollator(DataCollatorForPreference):
             "reward_positions": torch.tensor(reads, dtype=torch.long),
             "candidate_index": index,
         }
-        if shared:
+        if one_row:
             output["segments"] = torch.tensor([astuple(s) for s in rows[0].segments], dtype=torch.long)
         return output
 

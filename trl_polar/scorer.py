@@ -31,7 +31,7 @@ import torch
 from .checks import check_positive_int
 from .hub import default_device, resolve_dtype
 from .packing import Unit, group_units, lay_out, pack_padded, pack_summed
-from .segment_attention import SegmentLayout, segment_forward
+from .segment_attention import SegmentLayout, has_sliding_window, segment_forward
 from .template import PolarTemplate, Text, flatten
 
 logger = logging.getLogger(__name__)
@@ -161,8 +161,7 @@ class PolarScorer:
         self._head = value_head(self.model)
         self.shared_prefix = shared_prefix
         # Segment attention implements no sliding window: such models are scored plainly.
-        layer_types = getattr(getattr(self.model, "config", None), "layer_types", None) or ()
-        self._can_segment = "sliding_attention" not in layer_types
+        self._can_segment = not has_sliding_window(getattr(self.model, "config", None))
         self._segments: bool | None = None  # settled by the first call (`_check_segments`)
         # Engines call from threads (OpenRLHF, the server); one forward at a time keeps memory within the budget.
         self._lock = threading.RLock()

@@ -32,7 +32,7 @@ from .config import PolarConfig
 from .data.loading import load_preference_dataset
 from .losses import bradley_terry_loss, plackett_luce_loss, ranking_accuracy
 from .modeling import prepare_reward_model, value_head
-from .segment_attention import Segment, SegmentLayout, use_segment_attention
+from .segment_attention import Segment, SegmentLayout, flex_available, has_sliding_window, use_segment_attention
 from .template import PolarTemplate
 
 logger = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ class PolarRewardTrainer(RewardTrainer):
                 pad_to_multiple_of=args.pad_to_multiple_of,
                 batching=self.batching,
                 max_row_length=self._row_length(model, args),
+                segment_attention=self._packs_for_segments(model, args),
             )
         # Filled by `_prepare_dataset`, which RewardTrainer.__init__ calls before Trainer.__init__.
         self.truncation_counts: dict[str, dict[str, int]] = {}
@@ -169,14 +170,23 @@ class PolarRewardTrainer(RewardTrainer):
 
     @staticmethod
     def _resolve_batching(model: Any, args: PolarConfig) -> str:
-        layer_types = getattr(model.config, "layer_types", None) or ()
-        if args.batching == "shared_prefix" and "sliding_attention" in layer_types:
+        if args.batching == "shared_prefix" and has_sliding_window(model.config):
             logger.warning(
                 "batching='shared_prefix' runs through segment attention, which has no sliding window, and this model "
                 "has sliding-window layers: falling back to 'packed' (same results, no prefix reuse)."
             )
             return "packed"
         return args.batching
+
+    def _packs_for_segments(self, model: Any, args: PolarConfig) -> bool:
+        # On CUDA, packed rows under sdpa or eager would get a dense block-diagonal mask; one unpadded row through
+        # segment attention's flex kernel computes the same with no mask (a model with a varlen kernel keeps it).
+        return (
+            self.batching == "packed"
+            and getattr(model.config, "_attn_implementation", None) in MASK_ATTENTION
+            and not has_sliding_window(model.config)
+            and flex_available(args.device)
+        )
 
     @staticmethod
     def _row_length(model: Any, args: PolarConfig) -> int | None:
