@@ -271,8 +271,9 @@ def test_openrlhf_http_and_file_give_the_same_rewards(polar_env, scorer, server)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:  # OpenRLHF runs the file in threads
         file_results = list(pool.map(lambda r: openrlhf.reward_func([r[0]], [r[1]], [r[2]]), rollouts))
 
-    # The cut prompts are scored against the full prompt, with the response after the kept tail, think removed.
-    expected = scorer.score([PROMPT] * 4, [REFERENCE] * 4, _answers(RESPONSES))
+    # The cut prompts are scored against the full prompt, with the response after the kept tail (OpenRLHF's
+    # decoded text, trimmed of the space the tokenizer put at the join), think removed.
+    expected = scorer.score([PROMPT] * 4, [REFERENCE] * 4, [a.strip() for a in _answers(RESPONSES)])
     http_rewards = [r["rewards"][0] for r in http_results]
     file_rewards = [r["rewards"].item() for r in file_results]
     assert http_rewards == pytest.approx(expected, abs=1e-5)

@@ -48,7 +48,11 @@ def strip_think(text: str) -> str:
     'The answer is 4.'
     >>> strip_think("reasoning only</think> 4")
     '4'
+    >>> strip_think(" 4 ")  # no reasoning: the answer as written, as upstream's recipe leaves it
+    ' 4 '
     """
+    if "<think>" not in text and "</think>" not in text:
+        return text
     text = _THINK_BLOCK.sub("", text)
     if "</think>" in text:
         text = text.rsplit("</think>", 1)[1]
