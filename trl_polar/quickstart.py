@@ -270,7 +270,7 @@ def _grpo(policy: str, reward_model: str, train_rows, eval_rows, out: Path, conf
     )
     measure = {"scorer": scorer, "rows": held_out, "wrapper": wrapper, "args": args, "config": config}
     before = _policy_rewards(model, tokenizer, **measure)
-    reward = PolarReward(reward_model, wrapper=wrapper)
+    reward = PolarReward(reward_model, wrapper=wrapper, device="cpu")  # the quickstart runs on CPU by design
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=prompts)
     trainer.train()
     after = _policy_rewards(trainer.model, tokenizer, **measure)
