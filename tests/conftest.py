@@ -79,3 +79,13 @@ def shared_fixtures() -> Path:
     if not SHARED_FIXTURES.is_dir():
         pytest.skip(f"{SHARED_FIXTURES} is absent (it lies beside the project checkout in CI)")
     return SHARED_FIXTURES
+
+
+@pytest.fixture
+def polar_env(monkeypatch, tiny_qwen2_rm_dir):
+    """The adapters' environment on the library's defaults: only the model (the tiny Qwen2) and the CPU are set."""
+    for key in [k for k in os.environ if k.startswith("TRL_POLAR_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("TRL_POLAR_MODEL", tiny_qwen2_rm_dir)
+    monkeypatch.setenv("TRL_POLAR_DEVICE", "cpu")
+    return tiny_qwen2_rm_dir

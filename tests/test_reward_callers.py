@@ -53,15 +53,6 @@ RESPONSES = [
 ]
 
 
-@pytest.fixture
-def polar_env(monkeypatch, tiny_qwen2_rm_dir):
-    for key in [k for k in os.environ if k.startswith("TRL_POLAR_")]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("TRL_POLAR_MODEL", tiny_qwen2_rm_dir)
-    monkeypatch.setenv("TRL_POLAR_DEVICE", "cpu")
-    return tiny_qwen2_rm_dir
-
-
 @pytest.fixture(scope="module")
 def scorer(tiny_qwen2_rm_dir):
     return PolarScorer(tiny_qwen2_rm_dir, device="cpu")
