@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..integrations.openrlhf import answer as openrlhf_answer
+from .metrics import CONTENT_TYPE
 from .protocol import (
     REQUEST_MODELS,
     RESPONSE_MODELS,
@@ -345,4 +346,4 @@ async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     service: PolarService = request.app.state.polar
     service.check_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
-    return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
+    return Response(service.metrics.render(), media_type=CONTENT_TYPE)
