@@ -29,13 +29,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m trl_polar.serving`` on a free loopback port, as a user would start it."""
+    """``python -m trl_polar.cli serve`` on a free loopback port, as a user would start it."""
 
     def __init__(self, model_dir: str, *args: str) -> None:
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "trl_polar.serving", "--model", model_dir, "--host", HOST]
+        cmd = [sys.executable, "-m", "trl_polar.cli", "serve", "--model", model_dir, "--host", HOST]
         cmd += ["--port", str(self.port), "--device", "cpu", "--log-level", "warning", *args]
         # A file, not a pipe: a pipe nobody reads fills up and blocks the server's logging.
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in stop()

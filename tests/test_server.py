@@ -59,10 +59,9 @@ def servers(tiny_qwen2_rm_dir):
     body timeout."""
     main, small = start_servers(
         (tiny_qwen2_rm_dir, ("--api-key", API_KEY, "--max-body-bytes", str(BODY_LIMIT))),
-        # The deprecated --max-batch-tokens still starts the server (it is --max-tokens-per-batch now).
         (
             tiny_qwen2_rm_dir,
-            ("--max-queue", "2", "--batch-window-ms", "400", "--max-batch-tokens", "65536", "--body-timeout", "4"),
+            ("--max-queue", "2", "--batch-window-ms", "400", "--max-tokens-per-batch", "65536", "--body-timeout", "4"),
         ),
     )
     yield {"main": main, "small": small}
@@ -369,7 +368,7 @@ def test_an_empty_api_key_is_refused_at_start(tiny_qwen2_rm_dir):
     from serving_helpers import REPO
 
     for args, env in ((["--api-key", ""], {}), ([], {"TRL_POLAR_API_KEY": ""})):
-        cmd = [sys.executable, "-m", "trl_polar.serving", "--model", tiny_qwen2_rm_dir, "--port", "1", *args]
+        cmd = [sys.executable, "-m", "trl_polar.cli", "serve", "--model", tiny_qwen2_rm_dir, "--port", "1", *args]
         environ = {k: v for k, v in os.environ.items() if k != "TRL_POLAR_API_KEY"}
         out = subprocess.run(cmd, cwd=REPO, env={**environ, **env}, capture_output=True, text=True, timeout=120)
         assert out.returncode == 1, out.stderr
@@ -451,11 +450,11 @@ def test_batcher_isolates_a_failing_request(scorer):
         batcher.close(timeout=10)
 
 
-def test_serve_command_registers_with_typer(caplog):
+def test_serve_command_registers_with_typer():
     import typer
     from typer.testing import CliRunner
 
-    from trl_polar.cli.serve import _budget, serve_command
+    from trl_polar.cli.serve import serve_command
 
     app = typer.Typer()
     app.command("serve")(serve_command)
@@ -472,14 +471,13 @@ def test_serve_command_registers_with_typer(caplog):
         "--max-body-bytes",
     ):
         assert option in result.output
-    # --max-batch-tokens, the old name of the one token budget, still works (hidden, with a warning).
-    assert "--max-batch-tokens" not in result.output
-    with caplog.at_level("WARNING"):
-        assert _budget(None, 4096) == 4096
-    assert "--max-batch-tokens is deprecated" in caplog.text
-    assert _budget(2048, None) == 2048
-    both = CliRunner().invoke(app, ["serve", "--model", "m", "--max-batch-tokens", "5", "--max-tokens-per-batch", "6"])
-    assert both.exit_code == 2 and "pass only --max-tokens-per-batch" in both.output
+    # The settings are checked before the model loads, one line naming the option.
+    bad = CliRunner().invoke(app, ["serve", "--model", "m", "--max-queue", "0", "--pooling-shape", "tgi"])
+    assert isinstance(bad.exception, ValueError)
+    assert str(bad.exception) == (
+        "--max-queue: Input should be greater than 0 (got 0). --pooling-shape: Input should be 'lmdeploy' or 'vllm' "
+        "(got 'tgi')."
+    )
 
 
 def test_graceful_shutdown_finishes_admitted_requests(servers, scorer):
@@ -592,6 +590,14 @@ def test_every_endpoint_and_engine_shape_matches_the_openapi_schema(servers, sco
     for name, answer in answers.items():
         conforms(answer, answer_schema(BACKENDS[name].endpoint))
         assert parse_scores(name, answer, 2) == [0.5, -1.0]
+    # Every endpoint with a body publishes an example of it, and the example conforms.
+    posts = [path for path, methods in spec["paths"].items() if "post" in methods]
+    assert sorted(posts) == sorted(["/score", "/pooling", "/classify", "/tokenize", "/v1/encode", "/get_reward"])
+    for path in posts:
+        examples = schemas[body_schema(path)["$ref"].rsplit("/", 1)[-1]]["examples"]
+        assert examples, path
+        for example in examples:
+            conforms(example, body_schema(path))
     # The schema refuses what the server refuses, and names every field of the wire models.
     assert schema_problems({"items": [{"prompt": "p", "reference": "r"}]}, body_schema("/score"), spec)
     assert schema_problems({"items": [], "options": {"max_length": 0}}, body_schema("/score"), spec)

@@ -20,7 +20,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from ..template import PolarTemplate, Text, flatten
-from .protocol import ClassifyResponse, PoolingResponse, ScoreResponse, first_error
+from .errors import first_error
+from .protocol import ClassifyResponse, PoolingResponse, ScoreResponse
 
 
 class Backend:
@@ -89,7 +90,7 @@ def _read(model: type[BaseModel], body: Any) -> Any:
     try:
         return model.model_validate(body)
     except ValidationError as err:
-        raise ValueError(f"{first_error(err, whole='the answer')[1]} Got: {str(body):.200}") from None
+        raise ValueError(f"{first_error(model, err.errors(), whole='the answer')[1]} Got: {str(body):.200}") from None
 
 
 def _last_value(data: Any, where: str) -> float:

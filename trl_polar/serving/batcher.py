@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import RequestError
 from .metrics import Metrics
-from .protocol import RequestError
 
 logger = logging.getLogger(__name__)
 

@@ -1,65 +1,104 @@
 """The wire format: pydantic models of every endpoint of the server and of every engine shape the client reads.
 
-The server validates request bodies with these models and writes its answers from them; the client reads the
-answers of its backends (this project's server, vLLM, SGLang, lmdeploy) with them; ``/openapi.json`` is generated
-from them. A refusal is always the one envelope `ErrorEnvelope`: ``{"error": {"message", "type", "code", "field"}}``,
-where ``field`` is the path of the offending value (``items[3].prompt``).
+The server's routes take their bodies as these models and answer with them; the client reads the answers of its
+backends (this project's server, vLLM, SGLang, lmdeploy) with them; ``/openapi.json`` is generated from them. A
+refusal is always the one envelope `ErrorEnvelope`: ``{"error": {"message", "type", "code", "field"}}``, where
+``field`` is the path of the offending value (``items[3].prompt``); `trl_polar.serving.errors` writes it.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import time
-import typing
 import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     PlainValidator,
     RootModel,
-    ValidationError,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from ..template import CUT_SIDES, WRAPPERS, flatten
 
 Wrapper = Literal[WRAPPERS]
 
-ERROR_TYPES = {
-    400: "invalid_request",
-    401: "unauthorized",
-    404: "not_found",
-    405: "method_not_allowed",
-    408: "request_timeout",
-    413: "payload_too_large",
-    422: "invalid_request",
-    500: "internal_error",
-    503: "unavailable",
+# One request body per endpoint, published in /openapi.json and quoted when a body is not a JSON object.
+_FORMATTED = "<prompt>\n<reference><separator><candidate>[UNUSED_TOKEN_130]"
+EXAMPLES: dict[str, dict[str, Any]] = {
+    "/score": {
+        "id": 1,
+        "items": [{"prompt": "What is 2 + 2?", "reference": "4", "candidate": "2 + 2 = 4"}],
+        "options": {"wrapper": "sft"},
+    },
+    "/pooling": {"model": "polar", "input": [_FORMATTED]},
+    "/classify": {"model": "polar", "text": [_FORMATTED]},
+    "/tokenize": {"prompt": _FORMATTED},
+    "/v1/encode": {"input": [_FORMATTED]},
+    "/get_reward": {"query": ["<s>What is 2 + 2? 2 + 2 = 4</s>"], "prompts": ["What is 2 + 2?"], "labels": ["4"]},
 }
 
 
-class RequestError(Exception):
-    """A request the server refuses: HTTP status, a message that names the field and the fix, the field."""
-
-    def __init__(self, status: int, message: str, field: str | None = None, headers: dict | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.field = field
-        self.headers = headers or {}
-
-
 # ---------------------------------------------------------------------------------------------------- value types
+def _surrogate_at(value: Any, at: str = "") -> str | None:
+    """The path below ``value`` of its first string (or key) that is not text (a lone UTF-16 surrogate, which JSON
+    escapes can carry and no tokenizer or JSON answer can); None if every one is text.
+
+    Example:
+        >>> _surrogate_at([{"role": "user", "content": "ok"}, {"content": "a\\udfff"}])
+        '[1].content'
+    """
+    if isinstance(value, str):
+        return None if value.isascii() or _is_text(value) else at
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{at}.{key}"
+            if _surrogate_at(key) is not None:
+                return where.encode("utf-8", "backslashreplace").decode()
+            if (found := _surrogate_at(item, where)) is not None:
+                return found
+    if isinstance(value, list):
+        return next(
+            (found for i, x in enumerate(value) if (found := _surrogate_at(x, f"{at}[{i}]")) is not None), None
+        )
+    return None
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def unicode_only(value: Any) -> Any:
+    """Refuse a value holding a lone surrogate, naming where (`trl_polar.serving.errors` adds the field's path)."""
+    at = _surrogate_at(value)
+    if at is not None:
+        raise PydanticCustomError(
+            "lone_surrogate", "holds a lone UTF-16 surrogate (an unpaired \\uD800-\\uDFFF escape), which is not text; "
+            "send valid Unicode", {"at": at},
+        )  # fmt: skip
+    return value
+
+
+# Strings the server reads or echoes: pydantic takes a lone surrogate as a str, which no tokenizer or answer can.
+Str = Annotated[str, AfterValidator(unicode_only)]
+Unicode = Annotated[Any, AfterValidator(unicode_only)]
+
+
 def _text(value: Any, info: Any) -> Any:
+    unicode_only(value)
     flatten(value, info.field_name or "text")  # raises ValueError naming what is wrong and the fix
     return value
 
@@ -85,6 +124,7 @@ Text = Annotated[
 
 
 def _request_id(value: Any) -> Any:
+    unicode_only(value)
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError(f"must be a string or a number (it is echoed back to match answers), got {value!r:.80}")
     if isinstance(value, float) and not math.isfinite(value):
@@ -112,11 +152,6 @@ class ErrorEnvelope(BaseModel):
     """Every refusal of the server, whatever the endpoint or the status."""
 
     error: ErrorBody
-
-
-def error_body(err: RequestError) -> dict:
-    body = ErrorBody(message=err.message, type=ERROR_TYPES.get(err.status, "error"), code=err.status, field=err.field)
-    return ErrorEnvelope(error=body).model_dump(exclude_none=True)
 
 
 # ---------------------------------------------------------------------------------------------------- /score
@@ -154,17 +189,23 @@ class ScoreOptions(BaseModel):
     max_response_length: int | None = Field(None, gt=0, description="A lower per-response budget for this request.")
     response_cut_side: Literal[CUT_SIDES] | None = Field(None, description="Which end of a long response is kept.")
 
-    @field_validator("max_length", "max_response_length")
-    @classmethod
-    def _at_most_the_servers(cls, value: int | None, info: ValidationInfo) -> int | None:
-        # The server's limits arrive as the validation context: a request may lower them, never raise them.
-        limit = (info.context or {}).get(info.field_name)
-        if value is not None and limit is not None and value > limit:
-            raise ValueError(
-                f"{value} is over the server's {info.field_name}={limit}; a request may lower the limit, not raise "
-                f"it (send at most {limit}, or start the server with a larger template limit)"
-            )
-        return value
+    def above(self, limits: dict[str, int]) -> tuple[str, str] | None:
+        """(field, message naming the fix) of the first of the server's ``limits`` this request would raise (a
+        request may lower them, not raise them); None when it raises none.
+
+        Example:
+            >>> ScoreOptions(max_length=9000).above({"max_length": 8192})[0]
+            'options.max_length'
+        """
+        for name, limit in limits.items():
+            value = getattr(self, name)
+            if value is not None and limit is not None and value > limit:
+                return (
+                    f"options.{name}",
+                    f"`options.{name}`: {value} is over the server's {name}={limit}; a request may lower the limit, "
+                    f"not raise it (send at most {limit}, or start the server with a larger template limit).",
+                )
+        return None
 
     def template_overrides(self) -> tuple[tuple[str, Any], ...]:
         """The template settings this request changes, as a hashable key (empty: the server's own template)."""
@@ -174,7 +215,7 @@ class ScoreOptions(BaseModel):
 class ScoreRequest(BaseModel):
     """``POST /score``: this project's schema."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EXAMPLES["/score"]]})
 
     items: list[ScoreItem] = Field(description="The (prompt, reference, candidate) triples to score.")
     options: ScoreOptions | None = Field(None, description="wrapper and template limits for this request.")
@@ -191,7 +232,6 @@ class ScoreResponse(BaseModel):
 # The engine shapes below follow the engines' own servers, read at vLLM 020638a6 (vllm/entrypoints/pooling/),
 # lmdeploy 1263d5cd (lmdeploy/serve/openai/endpoints/auxiliary.py, protocol.py) and SGLang's http_server.py
 # /classify with its tokenizer manager's embedding output.
-POOLING_SHAPES = ("lmdeploy", "vllm")
 # Request fields vLLM's pooling request has and lmdeploy's has not: a request that sends one comes from a vLLM
 # client, and is answered in vLLM's shape whatever the server's default shape.
 VLLM_ONLY_POOLING_FIELDS = (
@@ -209,6 +249,7 @@ def _as_input_list(value: Any) -> Any:
 
 
 def _pooling_input(value: Any) -> Any:
+    unicode_only(value)
     ids = isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
     if not (isinstance(value, str) or ids):
         raise ValueError(f"must be a string or a non-empty list of token ids, got {value!r:.80}")
@@ -230,12 +271,12 @@ class PoolingRequest(BaseModel):
     Fields of either engine that would change the score this server cannot honour are refused, never ignored;
     other fields (vLLM's ``request_id``, ``priority``, ...) are accepted and mark the request as vLLM's."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [EXAMPLES["/pooling"]]})
 
     input: InputList = Field(
         description="Texts built by PolarTemplate.format (reward-token text included), or token-id lists."
     )
-    model: str | None = Field(None, description="The model name the answer carries (lmdeploy echoes it).")
+    model: Str | None = Field(None, description="The model name the answer carries (lmdeploy echoes it).")
     encoding_format: Literal["float"] = Field("float", description="Only float: scores are JSON numbers.")
     dimensions: None = Field(None, description="Not supported (a reward model has one value).")
     add_special_tokens: Literal[True] = Field(True, description="vLLM's; texts get BOS, as the model was trained.")
@@ -290,34 +331,26 @@ class PoolingResponse(BaseModel):
     data: list[PoolingData]
     usage: PoolingUsage | None = None
 
+    @classmethod
+    def build(cls, shape: str, scores: list[float], tokens: list[int], model: str) -> PoolingResponse:
+        """The answer an engine of ``shape`` gives for these scores (``tokens``: each input's token count).
 
-def pooling_answer(shape: str, scores: list[float], tokens: list[int], model: str) -> PoolingResponse:
-    """The answer an engine of ``shape`` gives for these scores (``tokens``: each input's token count).
-
-    - lmdeploy: ``data[i].data`` is the score; ``usage`` as lmdeploy's ``UsageInfo.build`` fills it.
-    - vllm: ``data[i].data`` is ``[[score]]``: vLLM's reward models pool every token (``[[v1], ..., [vn]]``) and the
-      score is the last row; this server computes the reward token's row only, so that is the one row it sends
-      (the token count is in ``usage``).
-    """
-    prompt_tokens = sum(tokens)
-    if shape == "vllm":
-        data = [PoolingData(index=i, object="pooling", data=[[s]]) for i, s in enumerate(scores)]
-        usage = PoolingUsage(
-            prompt_tokens=prompt_tokens, total_tokens=prompt_tokens, completion_tokens=0, prompt_tokens_details=None
-        )
-        request_id = f"pooling-{uuid.uuid4().hex}"
-    else:
-        data = [PoolingData(index=i, object="pooling", data=s) for i, s in enumerate(scores)]
-        usage = PoolingUsage(
-            prompt_tokens=prompt_tokens,
-            total_tokens=prompt_tokens,
-            completion_tokens=0,
-            prompt_tokens_details={"cached_tokens": 0},
-            completion_tokens_details=None,
-        )
-        request_id = f"pool-{uuid.uuid4().hex}"
-    created = int(time.time())
-    return PoolingResponse(id=request_id, object="list", created=created, model=model, data=data, usage=usage)
+        - lmdeploy: ``data[i].data`` is the score; ``usage`` as lmdeploy's ``UsageInfo.build`` fills it.
+        - vllm: ``data[i].data`` is ``[[score]]``: vLLM's reward models pool every token (``[[v1], ..., [vn]]``) and
+          the score is the last row; this server computes the reward token's row only, so that is the one row it
+          sends (the token count is in ``usage``).
+        """
+        total = sum(tokens)
+        usage = PoolingUsage(prompt_tokens=total, total_tokens=total, completion_tokens=0, prompt_tokens_details=None)
+        if shape == "vllm":
+            data = [PoolingData(index=i, object="pooling", data=[[s]]) for i, s in enumerate(scores)]
+            request_id = f"pooling-{uuid.uuid4().hex}"
+        else:
+            data = [PoolingData(index=i, object="pooling", data=s) for i, s in enumerate(scores)]
+            usage.prompt_tokens_details, usage.completion_tokens_details = {"cached_tokens": 0}, None
+            request_id = f"pool-{uuid.uuid4().hex}"
+        created = int(time.time())
+        return cls(id=request_id, object="list", created=created, model=model, data=data, usage=usage)
 
 
 # ---------------------------------------------------------------------------------------------------- /classify
@@ -327,8 +360,10 @@ _IDS_SCHEMA = {"type": "array", "items": {"type": "integer"}, "minItems": 1}
 class ClassifyRequest(BaseModel):
     """SGLang's ``POST /classify`` (its ``EmbeddingReqInput``): formatted texts, or token ids, in."""
 
-    model: str | None = Field(None, description="The served model's name (SGLang's OpenAI routes need it).")
-    text: str | list[str] | None = Field(None, description="Texts built by PolarTemplate.format.")
+    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLES["/classify"]]})
+
+    model: Str | None = Field(None, description="The served model's name (SGLang's OpenAI routes need it).")
+    text: Str | list[Str] | None = Field(None, description="Texts built by PolarTemplate.format.")
     input_ids: Annotated[
         list[int] | list[list[int]] | None,
         WithJsonSchema({"anyOf": [_IDS_SCHEMA, {"type": "array", "items": _IDS_SCHEMA}, {"type": "null"}]}),
@@ -361,33 +396,29 @@ class ClassifyResult(BaseModel):
 class ClassifyResponse(RootModel[list[ClassifyResult]]):
     """SGLang's answer: one result per text, in order (one text sent as a string comes back as a bare object)."""
 
-
-def classify_answer(scores: list[float], tokens: list[int], started: float) -> list[ClassifyResult]:
-    """One result per input as SGLang's tokenizer manager writes an embedding output: ``embedding`` (the head's
-    one value) and ``meta_info`` (the request id, SGLang's finish reason of a pooling pass, the prompt's token
-    count, the weight version, the latency)."""
-    latency = time.time() - started
-    return [
-        ClassifyResult(
-            embedding=[s],
-            meta_info={
-                "id": uuid.uuid4().hex,
-                "finish_reason": {"type": "length", "length": 0},
-                "prompt_tokens": n,
-                "weight_version": "default",
-                "e2e_latency": latency,
-            },
+    @classmethod
+    def build(cls, scores: list[float], tokens: list[int], started: float) -> ClassifyResponse:
+        """One result per input as SGLang's tokenizer manager writes an embedding output: ``embedding`` (the head's
+        one value) and ``meta_info`` (the request id, SGLang's finish reason of a pooling pass, the prompt's token
+        count, the weight version, the latency)."""
+        latency = time.time() - started
+        meta = {"finish_reason": {"type": "length", "length": 0}, "weight_version": "default", "e2e_latency": latency}
+        return cls(
+            [
+                ClassifyResult(embedding=[s], meta_info={"id": uuid.uuid4().hex, "prompt_tokens": n, **meta})
+                for s, n in zip(scores, tokens, strict=True)
+            ]
         )
-        for s, n in zip(scores, tokens)
-    ]
 
 
 # ---------------------------------------------------------------------------------------------------- /tokenize
 class TokenizeRequest(BaseModel):
     """vLLM's ``POST /tokenize`` (its completion form): how the server tokenizes a text it is sent."""
 
-    model: str | None = None
-    prompt: str = Field(description="A text, e.g. one built by PolarTemplate.format.")
+    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLES["/tokenize"]]})
+
+    model: Str | None = None
+    prompt: Str = Field(description="A text, e.g. one built by PolarTemplate.format.")
     add_special_tokens: bool = Field(True, description="Add BOS (as /pooling and /classify do).")
     return_token_strs: bool | None = Field(False, description="Also return each token's string.")
 
@@ -402,7 +433,9 @@ class TokenizeResponse(BaseModel):
 class EncodeRequest(BaseModel):
     """lmdeploy's ``POST /v1/encode``: how the server tokenizes texts."""
 
-    input: str | list[str] = Field(description="A text, or several.")
+    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLES["/v1/encode"]]})
+
+    input: Str | list[Str] = Field(description="A text, or several.")
     do_preprocess: Literal[False] = Field(False, description="lmdeploy's chat template: not applied here.")
     add_bos: bool = Field(True, description="Add BOS (as /pooling and /classify do).")
 
@@ -416,9 +449,11 @@ class EncodeResponse(BaseModel):
 class GetRewardRequest(BaseModel):
     """``POST /get_reward``: OpenRLHF's remote reward-model protocol."""
 
-    query: list[str] = Field(description="Prompt + response texts, decoded with special tokens kept.")
-    prompts: list[str] = Field(description="The prompt of each query, to cut the response out of it.")
-    labels: list[Any] = Field(
+    model_config = ConfigDict(json_schema_extra={"examples": [EXAMPLES["/get_reward"]]})
+
+    query: list[Str] = Field(description="Prompt + response texts, decoded with special tokens kept.")
+    prompts: list[Str] = Field(description="The prompt of each query, to cut the response out of it.")
+    labels: list[Unicode] = Field(
         description="The reference answers (or {'reference', 'prompt'} objects); run OpenRLHF with "
         "--data.label_key (older: --label_key) naming them."
     )
@@ -463,148 +498,3 @@ RESPONSE_MODELS = (
     HealthResponse,
     ErrorEnvelope,
 )
-
-
-# ---------------------------------------------------------------------------------------------------- reading
-# How pydantic names the member of a union (or a validator) in an error's location: not a field.
-_UNION_TAG = re.compile(r"function-\w+\[.*\]|(list|dict|tuple)\[.*\]|float|int|str|bool")
-
-
-def field_path(loc: tuple) -> str:
-    """A pydantic error location as the field path users write: ``("items", 3, "prompt")`` -> ``items[3].prompt``."""
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif not _UNION_TAG.fullmatch(str(part)):
-            path += f".{part}" if path else str(part)
-    return path
-
-
-def _walk(model: type[BaseModel] | None, loc: tuple) -> tuple[type[BaseModel] | None, Any]:
-    """The model that holds the last field named in ``loc``, and that field's info (None if it has no such field)."""
-    info = None
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        fields = getattr(model, "model_fields", None)
-        if not fields or part not in fields:
-            return model, None
-        holder, info = model, fields[part]
-        inner = [a for a in (info.annotation, *typing.get_args(info.annotation)) if isinstance(a, type)]
-        model = next((a for a in inner if issubclass(a, BaseModel)), None)
-    return (holder if info is not None else model), info
-
-
-def first_error(err: ValidationError, whole: str = "The body") -> tuple[str, str]:
-    """(field path, message) of the error to report, ``whole`` naming what was read; an unknown field comes first,
-    as it usually explains the rest (a misspelt name)."""
-    error = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
-    where = field_path(error["loc"])
-    subject = f"`{where}`" if where else whole
-    kind, value = error["type"], error.get("input")
-    holder, info = _walk(_MODELS_BY_NAME.get(err.title), error["loc"])
-    if kind == "extra_forbidden":
-        known = ", ".join(holder.model_fields) if holder else ""
-        message = f"Unknown field `{where}`" + (f"; the fields are {known}." if known else ".")
-    elif kind == "missing":
-        is_list = info is not None and typing.get_origin(info.annotation) is list
-        message = f"{whole} has no `{where}`{' list' if is_list else ''}."
-    elif kind in ("float_type", "float_parsing", "int_type", "int_parsing"):
-        message = f"{subject} is {value!r:.80}, not a number."
-    elif kind == "finite_number":
-        message = f"{subject} is {value}, not a finite number."
-    else:
-        message = f"{subject}: {error['msg'].removeprefix('Value error, ').rstrip('.')}."
-    hint = info.description if info is not None and kind in ("missing", "list_type") else None
-    return where or "body", f"{message} {hint}" if hint else message
-
-
-_MODELS_BY_NAME = {m.__name__: m for m in (*REQUEST_MODELS, *RESPONSE_MODELS, ScoreOptions, ScoreItem)}
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON; send finite numbers (or strings)")
-
-
-def parse_json(body: bytes) -> Any:
-    """A request body as JSON; 400 naming the line and column of a syntax error, NaN and Infinity refused, and 422
-    naming the field that holds a lone surrogate (text no tokenizer or JSON answer can carry)."""
-    if not body:
-        raise RequestError(400, "The request body is empty; send a JSON object (Content-Type: application/json).")
-    try:
-        payload = json.loads(body, parse_constant=_no_constant)
-    except json.JSONDecodeError as err:
-        message = f"The body is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})."
-        raise RequestError(400, message, "body") from None
-    except (ValueError, RecursionError) as err:  # not UTF-8, NaN, or nested deeper than the parser allows
-        raise RequestError(400, f"The body is not valid JSON ({type(err).__name__}: {err}).", "body") from None
-    # Raw UTF-8 cannot hold a surrogate: only a \\uD800-\\uDFFF escape makes one, so most bodies skip the walk.
-    if _SURROGATE_ESCAPE.search(body):
-        where = _lone_surrogate(payload)
-        if where is not None:
-            message = (
-                f"`{where or 'body'}` holds a lone UTF-16 surrogate (an unpaired \\uD800-\\uDFFF escape), which is "
-                "not text; send valid Unicode."
-            )
-            raise RequestError(422, message, where or "body")
-    return payload
-
-
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def _lone_surrogate(payload: Any) -> str | None:
-    """The path of the first string (or key) in ``payload`` that is not valid Unicode; None if there is none."""
-    stack = [("", payload)]
-    while stack:
-        where, value = stack.pop()
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return where
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                name = f"{where}.{key}" if where else str(key)
-                if _lone_surrogate(key) is not None:
-                    return name.encode("utf-8", "backslashreplace").decode()
-                stack.append((name, item))
-        elif isinstance(value, list):
-            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
-    return None
-
-
-def validate(model: type[BaseModel], payload: Any, endpoint: str, limits: dict | None = None) -> Any:
-    """The payload as ``model``; a 422 naming the first wrong field and the fix. ``limits``: the server's template
-    limits, which a request's options may lower but not raise."""
-    if not isinstance(payload, dict):
-        example = json.dumps(_EXAMPLES.get(model, {}))
-        message = f"The body of {endpoint} must be a JSON object like {example}, got {type(payload).__name__}."
-        raise RequestError(422, message, "body")
-    try:
-        return model.model_validate(payload, context=limits or {})
-    except ValidationError as err:
-        where, message = first_error(err)
-        raise RequestError(422, message, where) from None
-
-
-_EXAMPLES: dict[type, Any] = {
-    ScoreRequest: {"items": [{"prompt": "...", "reference": "...", "candidate": "..."}]},
-    PoolingRequest: {"input": ["<formatted text>[UNUSED_TOKEN_130]"]},
-    ClassifyRequest: {"model": "polar", "text": ["<formatted text>[UNUSED_TOKEN_130]"]},
-    GetRewardRequest: {"query": ["..."], "prompts": ["..."], "labels": ["..."]},
-}
-
-
-def dumps(model: BaseModel, as_set: bool = False) -> bytes:
-    """An answer as JSON bytes: fields left at None are omitted, non-finite numbers refused (JSON has none).
-
-    ``as_set``: write exactly the fields that were set, nulls included: how the engine shapes are written, as the
-    engines write some fields as null and leave others out."""
-    payload = (
-        model.model_dump(mode="json", exclude_unset=True)
-        if as_set
-        else model.model_dump(mode="json", exclude_none=True)
-    )
-    return json.dumps(payload, ensure_ascii=False, allow_nan=False).encode()

@@ -8,6 +8,7 @@ import collections
 import hmac
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,47 +18,26 @@ from ..integrations.openrlhf import Extracted, OpenRLHFInputError, read_samples
 from ..scorer import Encoded, EncodeError
 from ..template import PolarTemplate
 from .batcher import RETRY_AFTER_S, Batcher
+from .errors import RequestError
 from .metrics import Metrics
-from .protocol import POOLING_SHAPES, GetRewardRequest, RequestError, ScoreOptions, ScoreRequest
+from .protocol import GetRewardRequest, ScoreOptions, ScoreRequest
+from .settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
 _MAX_TEMPLATE_VARIANTS = 16
 
 
-def positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-    return value
-
-
 class PolarService:
-    """The server's state and work, without HTTP: see `trl_polar.serving.app.create_app` for the arguments."""
+    """The server's state and work, without HTTP: one per app (``app.state.polar``)."""
 
-    def __init__(
-        self,
-        scorer: Any,
-        *,
-        api_key: str | None,
-        max_queue: int,
-        max_body_bytes: int,
-        batch_window_ms: float,
-        body_timeout_s: float,
-        model_name: str,
-        pooling_shape: str = "lmdeploy",
-    ) -> None:
-        self.max_queue = positive_int("max_queue", max_queue)
-        self.max_body_bytes = positive_int("max_body_bytes", max_body_bytes)
-        if not batch_window_ms >= 0:
-            raise ValueError(f"`batch_window_ms` must be >= 0, got {batch_window_ms!r}.")
-        if not body_timeout_s > 0:
-            raise ValueError(f"`body_timeout_s` must be a positive number of seconds, got {body_timeout_s!r}.")
-        self.body_timeout_s = float(body_timeout_s)
+    def __init__(self, scorer: Any, settings: ServeSettings) -> None:
         if not all(hasattr(scorer, name) for name in ("encode_items", "score_ids", "template")):
             raise ValueError(
                 f"create_app needs a PolarScorer (with .encode_items, .score_ids and .template), got "
                 f"{type(scorer).__name__}."
             )
+        self.settings = settings
         self.scorer = scorer
         self.template: PolarTemplate = scorer.template
         # What a request's options may lower but not raise.
@@ -65,16 +45,14 @@ class PolarService:
             "max_length": self.template.max_length,
             "max_response_length": self.template.max_response_length,
         }
-        self.api_key = api_key.encode() if api_key else None
-        self.model_name = model_name
-        if pooling_shape not in POOLING_SHAPES:
-            raise ValueError(f"`pooling_shape` must be one of {POOLING_SHAPES}, got {pooling_shape!r}.")
-        self.pooling_shape = pooling_shape
+        self.api_key = settings.api_key.encode() if settings.api_key else None
+        source = getattr(getattr(scorer, "model", None), "name_or_path", None) or "polar"
+        self.model_name = settings.model_name or os.path.basename(str(source).rstrip("/")) or "polar"
         self.in_flight = 0
         self.draining = False
         self.started = time.time()
         self.metrics = Metrics(lambda: self.batcher.depth, lambda: self.in_flight)
-        self.batcher = Batcher(scorer, scorer.max_tokens_per_batch, batch_window_ms / 1000.0, self.metrics)
+        self.batcher = Batcher(scorer, scorer.max_tokens_per_batch, settings.batch_window_ms / 1000.0, self.metrics)
         # Tokenization is CPU work too: off the event loop, overlapping the model's thread. One thread, because a
         # template variant's part cache is used from the calling thread only.
         self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="polar-encode")
@@ -90,12 +68,9 @@ class PolarService:
         self.encoder.shutdown(wait=True)
 
     # ------------------------------------------------------------------------------------------------ checks
-    def check_key(self, authorization: str | None, x_api_key: str | None) -> None:
+    def check_key(self, given: str | None) -> None:
         if self.api_key is None:
             return
-        given = x_api_key
-        if authorization and authorization[:7].lower() == "bearer ":
-            given = authorization[7:].strip()
         # compare_digest on bytes of any length: the time taken does not reveal how much of the key matched.
         if given is None or not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self.api_key):
             raise RequestError(
@@ -116,45 +91,20 @@ class PolarService:
     def admit(self) -> None:
         """Count a request whose body is in against --max-queue (a client still sending holds no place)."""
         self.check_open()
-        if self.in_flight >= self.max_queue:
+        if self.in_flight >= self.settings.max_queue:
             raise RequestError(
                 503,
-                f"The queue is full ({self.in_flight} requests in flight, --max-queue {self.max_queue}); retry after "
+                f"The queue is full ({self.in_flight} requests in flight, --max-queue {self.settings.max_queue}); "
+                f"retry after "
                 f"{RETRY_AFTER_S} s, lower the client's concurrency, or add replicas.",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
 
-    async def read_body(self, request: Any) -> bytes:
-        """The whole body, within --max-body-bytes (413) and within ``body_timeout_s`` of the headers (408)."""
-        limit = self.max_body_bytes
-        fix = "send fewer items per request (PolarClient(chunk_size=...)) or raise --max-body-bytes"
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            try:
-                size = int(declared)
-            except ValueError:
-                raise RequestError(400, f"Content-Length {declared!r} is not an integer.", "Content-Length") from None
-            if size > limit:
-                raise RequestError(413, f"The body has {size} bytes, over the limit of {limit}; {fix}.", "body")
-        try:
-            return await asyncio.wait_for(self._stream(request, limit, fix), self.body_timeout_s)
-        except TimeoutError:
-            # The rest of the body may still come; closing the connection keeps it from being read as a request.
-            message = (
-                f"The body did not arrive within {self.body_timeout_s:g} s; send it at once (or raise --body-timeout)."
-            )
-            raise RequestError(408, message, "body", {"Connection": "close"}) from None
-
-    @staticmethod
-    async def _stream(request: Any, limit: int, fix: str) -> bytes:
-        # Content-Length can be absent (chunked uploads) or wrong: count what actually arrives.
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise RequestError(413, f"The body exceeds the limit of {limit} bytes; {fix}.", "body")
-            chunks.append(chunk)
-        return b"".join(chunks)
+    def check_limits(self, options: ScoreOptions | None) -> None:
+        """Refuse options that raise the template's limits (a request may lower them), before any work."""
+        above = options.above(self.limits) if options is not None else None
+        if above is not None:
+            raise RequestError(422, above[1], above[0])
 
     # ------------------------------------------------------------------------------------------------ work
     async def run(self, fn: Callable, *args: Any) -> Any:
