@@ -22,8 +22,9 @@ pytest.importorskip("uvicorn")
 
 from serving_helpers import API_KEY, HOST, RawHTTP, start_servers  # noqa: E402
 
+from trl_polar.batching import BatcherClosed, WindowBatcher  # noqa: E402
 from trl_polar.scorer import PolarScorer  # noqa: E402
-from trl_polar.serving.batcher import Batcher  # noqa: E402
+from trl_polar.serving.service import Job, score_jobs  # noqa: E402
 from trl_polar.template import PolarTemplate, flatten  # noqa: E402
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -434,20 +435,24 @@ def test_batcher_isolates_a_failing_request(scorer):
     good = [template.encode(p, r, c) for p, r, c in triples()[:4]]
     expected = scorer.score_ids(good)
     broken = [[len(template.tokenizer) + 1000, template.reward_token_id]]  # an id past the embedding table
-    batcher = Batcher(scorer, max_tokens_per_batch=10**6, window_s=0.2)
-    batcher.start()
+    batches = []
 
-    async def run():
-        jobs = [batcher.score([ids], [None]) for ids in good] + [batcher.score(broken, [None])]
-        return await asyncio.gather(*jobs, return_exceptions=True)
+    def score(jobs):
+        batches.append(len(jobs))
+        return score_jobs(scorer, jobs)
 
+    batcher = WindowBatcher(score, window_s=0.2, budget=10**6, cost=lambda job: job.tokens)
     try:
-        *answers, failure = asyncio.run(run())
+        futures = [batcher.submit(Job([ids], [None])) for ids in good] + [batcher.submit(Job(broken, [None]))]
+        *answers, failure = [f.exception(timeout=60) or f.result() for f in futures]
         assert isinstance(failure, Exception)
         assert_close([a[0] for a in answers], expected)
-        assert asyncio.run(batcher.score(good[:1], [None])) == pytest.approx(expected[:1], abs=TOL)
+        assert batches[0] == 5 and batches[1:] == [1] * 5  # together, then each alone
+        assert_close(batcher.submit(Job(good[:1], [None])).result(timeout=60), expected[:1])
     finally:
         batcher.close(timeout=10)
+    with pytest.raises(BatcherClosed):
+        batcher.submit(Job(good[:1], [None]))
 
 
 def test_serve_command_registers_with_typer():

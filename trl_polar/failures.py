@@ -124,31 +124,31 @@ class FailurePolicy:
             raise ScoreTimeout(self._timeout_message()) from None
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)`` within ``score_timeout``: in a helper thread when there is a limit (a running model call
-        cannot be interrupted; its late answer is dropped)."""
+        """``fn(*args)`` within ``score_timeout``: on the caller's thread when there is no limit; with one, on the
+        process's pool of scoring threads (started once, reused), as a running model call cannot be interrupted: its
+        late answer is dropped."""
         if self.score_timeout is None:
             return fn(*args)
-        future: concurrent.futures.Future = concurrent.futures.Future()
-
-        def run() -> None:
-            try:
-                result = fn(*args)
-            except BaseException as err:  # handed to the waiting caller
-                if not future.cancelled():
-                    future.set_exception(err)
-            else:
-                if not future.cancelled():
-                    future.set_result(result)
-
-        future.set_running_or_notify_cancel()
-        threading.Thread(target=run, name="polar-score", daemon=True).start()
-        return self.wait(future)
+        return self.wait(_timed_pool().submit(fn, *args))
 
     def _timeout_message(self) -> str:
         return (
             f"no score within score_timeout={self.score_timeout} s; raise score_timeout, or check that the scorer "
             "(or reward server) keeps up"
         )
+
+
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _timed_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that run calls under a ``score_timeout`` (a few: a call past its limit still holds one)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="polar-score")
+        return _POOL
 
 
 def describe(err: BaseException) -> str:

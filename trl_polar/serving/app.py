@@ -152,7 +152,6 @@ def create_app(scorer: Any, settings: ServeSettings | None = None) -> FastAPI:
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
     service: PolarService = app.state.polar
-    service.start()
     try:
         yield
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import hmac
 import logging
 import math
@@ -12,12 +13,13 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
+from ..batching import BatcherClosed, WindowBatcher
 from ..integrations.openrlhf import Extracted, OpenRLHFInputError, read_samples
 from ..scorer import Encoded, EncodeError
 from ..template import PolarTemplate
-from .batcher import RETRY_AFTER_S, Batcher
 from .errors import RequestError
 from .metrics import Metrics
 from .protocol import GetRewardRequest, ScoreOptions, ScoreRequest
@@ -26,6 +28,40 @@ from .settings import ServeSettings
 logger = logging.getLogger(__name__)
 
 _MAX_TEMPLATE_VARIANTS = 16
+# Seconds a client is asked to wait after a 503; the queue drains in about one batch, so a second is plenty.
+RETRY_AFTER_S = 1
+
+
+@dataclass
+class Job:
+    """One request's encoded items, waiting for the model thread."""
+
+    ids: list[list[int]]
+    keys: list[Any]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(x) for x in self.ids)
+
+
+def score_jobs(scorer: Any, jobs: list[Job], metrics: Metrics | None = None) -> list[list[float]]:
+    """The scores of several requests' items in one scorer call (the model thread's work): items of different
+    requests that share a (prompt, reference) share the prefix computation."""
+    ids = [x for job in jobs for x in job.ids]
+    started, failed = time.perf_counter(), True
+    try:
+        scores = scorer.score_ids(ids, [k for job in jobs for k in job.keys])
+        if len(scores) != len(ids):
+            raise RuntimeError(f"The scorer returned {len(scores)} scores for {len(ids)} items.")
+        failed = False
+    finally:
+        if metrics is not None:
+            metrics.batch(len(jobs), len(ids), sum(map(len, ids)), time.perf_counter() - started, failed=failed)
+    out, at = [], 0
+    for job in jobs:
+        out.append(list(scores[at : at + len(job.ids)]))
+        at += len(job.ids)
+    return out
 
 
 class PolarService:
@@ -52,16 +88,20 @@ class PolarService:
         self.draining = False
         self.started = time.time()
         self.metrics = Metrics(lambda: self.batcher.depth, lambda: self.in_flight)
-        self.batcher = Batcher(scorer, scorer.max_tokens_per_batch, settings.batch_window_ms / 1000.0, self.metrics)
+        # The one thread that runs the model. A batch closes after the window, or at the scorer's token budget
+        # (counted whole: with shared prefixes the scorer runs them in fewer); a larger request runs alone.
+        self.batcher = WindowBatcher(
+            functools.partial(score_jobs, scorer, metrics=self.metrics),
+            settings.batch_window_ms / 1000.0,
+            budget=scorer.max_tokens_per_batch,
+            cost=lambda job: job.tokens,
+        )
         # Tokenization is CPU work too: off the event loop, overlapping the model's thread. One thread, because a
         # template variant's part cache is used from the calling thread only.
         self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="polar-encode")
         self._templates: collections.OrderedDict[tuple, PolarTemplate] = collections.OrderedDict()
 
     # ------------------------------------------------------------------------------------------------ lifecycle
-    def start(self) -> None:
-        self.batcher.start()
-
     def stop(self) -> None:
         self.draining = True
         self.batcher.close()
@@ -112,7 +152,13 @@ class PolarService:
         return await asyncio.get_running_loop().run_in_executor(self.encoder, fn, *args)
 
     async def score(self, ids: list[list[int]], keys: list[Any]) -> list[float]:
-        scores = await self.batcher.score(ids, keys)
+        try:
+            future = self.batcher.submit(Job(ids, keys))
+        except BatcherClosed:
+            self.check_open()
+            raise
+        # A client that goes away cancels its future: if its batch has not started, it is left out.
+        scores = await asyncio.wrap_future(future)
         bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
         if bad:
             message = f"The model produced non-finite scores for items {bad[:10]}; check the checkpoint."
