@@ -14,6 +14,9 @@ label, which transformers, vLLM and SGLang load without remote code:
     layers.N.ffn_norm               -> layers.N.post_attention_layernorm
     model.norm                      -> model.norm
     v_head                          -> score
+
+`load_classifier` loads a reward model of either kind: an official checkpoint through this conversion, any other
+through ``AutoModelForSequenceClassification``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,14 @@ from typing import Any
 
 import torch
 
-from .hub import checkpoint_tensors, load_tokenizer, local_snapshot, read_config
+from .hub import (
+    allow_remote_code,
+    checkpoint_tensors,
+    is_internlm2_checkpoint,
+    load_tokenizer,
+    local_snapshot,
+    read_config,
+)
 from .template import CONFIG_KEY, DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_LENGTH, DEFAULT_SEPARATOR, PolarTemplate
 
 logger = logging.getLogger(__name__)
@@ -233,3 +243,25 @@ def _check_tokenizer(out: Path) -> None:
             f"The tokenizer maps {template.reward_token!r} to id {template.reward_token_id}, but the checkpoint's "
             f"reward_token_id is {expected}: this tokenizer does not belong to this checkpoint."
         )
+
+
+def load_classifier(path: str | os.PathLike, trust_remote_code: bool = False, **kwargs: Any):
+    """A one-label sequence-classification model from `path`, and the weights its checkpoint lacked.
+
+    Official InternLM2 checkpoints are converted in memory (`load_internlm2_reward_model`) instead of running their
+    remote code. ``kwargs`` go to ``AutoModelForSequenceClassification.from_pretrained`` (``dtype``, ...).
+
+    Returns:
+        ``(model, missing_keys)``.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    remote = allow_remote_code(path, trust_remote_code)
+    if is_internlm2_checkpoint(path):
+        # transformers' "auto" means the checkpoint's own dtype, which is what the converter keeps by default.
+        dtype = kwargs.get("dtype")
+        return load_internlm2_reward_model(path, dtype=None if dtype == "auto" else dtype), []
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, output_loading_info=True, trust_remote_code=remote, **kwargs
+    )
+    return model, list(info.get("missing_keys", ()))

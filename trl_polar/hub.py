@@ -99,30 +99,6 @@ def load_tokenizer(source: str | os.PathLike, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(source, trust_remote_code=remote)
 
 
-def load_classifier(path: str | os.PathLike, trust_remote_code: bool = False, **kwargs: Any):
-    """A one-label sequence-classification model from `path`, and the weights its checkpoint lacked.
-
-    Official InternLM2 checkpoints are converted in memory (`trl_polar.checkpoints`) instead of running their
-    remote code. ``kwargs`` go to ``AutoModelForSequenceClassification.from_pretrained`` (``dtype``, ...).
-
-    Returns:
-        ``(model, missing_keys)``.
-    """
-    from transformers import AutoModelForSequenceClassification
-
-    remote = allow_remote_code(path, trust_remote_code)
-    if is_internlm2_checkpoint(path):
-        from .checkpoints import load_internlm2_reward_model
-
-        # transformers' "auto" means the checkpoint's own dtype, which is what the converter keeps by default.
-        dtype = kwargs.get("dtype")
-        return load_internlm2_reward_model(path, dtype=None if dtype == "auto" else dtype), []
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, output_loading_info=True, trust_remote_code=remote, **kwargs
-    )
-    return model, list(info.get("missing_keys", ()))
-
-
 def local_snapshot(src: str | os.PathLike) -> Path:
     """`src` itself when it is a directory, else the files of hub repository `src` that a checkpoint needs."""
     if os.path.isdir(src):

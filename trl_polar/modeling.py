@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from .hub import load_classifier, load_tokenizer, resolve_dtype
+from .checkpoints import load_classifier
+from .hub import load_tokenizer, resolve_dtype
 from .template import CONFIG_KEY, DEFAULT_REWARD_TOKEN, DEFAULT_SEPARATOR, PolarTemplate
 
 logger = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ def zero_init_value_head(model: Any) -> None:
 
 
 def _load_classifier(path: str, **kwargs: Any) -> tuple[Any, bool]:
-    """`trl_polar.hub.load_classifier`, and whether the value head is new (a causal-LM checkpoint has none)."""
+    """`trl_polar.checkpoints.load_classifier`, and whether the value head is new (a causal-LM checkpoint has none)."""
     model, missing = load_classifier(path, **kwargs)
     return model, any(key.split(".")[0] in _HEAD_NAMES for key in missing)
 
