@@ -323,9 +323,26 @@ def test_hostile_values_are_refused_before_any_work(servers, body, status, field
     assert response.status_code == 200 and response.json()["truncated"] == 1
 
 
+def wait_for_health(url: str, done, timeout: float = 60.0):
+    """The first /health answer (or None once the server is gone) that ``done`` accepts: waiting on the server's
+    state, not on the clock."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            answer = httpx.get(url + "/health", timeout=5)
+            health = (answer.status_code, answer.json())
+        except httpx.TransportError:
+            health = None
+        if done(health):
+            return health
+        time.sleep(0.01)
+    raise AssertionError(f"/health never reached the state waited for; last: {health}")
+
+
 def test_slow_senders_cannot_lock_others_out(servers, scorer):
-    """Four clients send headers and 11 bytes of a body, then stall: they hold no place in the queue of 2, a
-    normal client is still answered, and each stalled one gets 408 once --body-timeout (4 s) has passed."""
+    """Four clients send headers and 11 bytes of a body, then stall: while their bodies are arriving they hold no
+    place in the queue of 2, normal clients are answered, and each stalled one gets 408 once --body-timeout has
+    passed."""
     import socket
 
     server = servers["small"]
@@ -334,17 +351,23 @@ def test_slow_senders_cannot_lock_others_out(servers, scorer):
     head = f"POST /score HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
     slow = []
     for _ in range(4):
-        sock = socket.create_connection((HOST, server.port), timeout=10)
+        sock = socket.create_connection((HOST, server.port), timeout=30)
         sock.sendall(head.encode() + b'{"items": [')
         slow.append(sock)
     try:
-        time.sleep(0.3)
-        started = time.monotonic()
-        for _ in range(3):
-            response = httpx.post(server.url + "/score", json={"items": [item]}, timeout=30)
+        # One snapshot: the four are inside the server, reading their bodies, and none of them is admitted.
+        _, health = wait_for_health(server.url, lambda h: h is not None and h[1]["receiving"] == 4)
+        assert health["in_flight"] == 0
+
+        async def normal():
+            async with httpx.AsyncClient(timeout=30) as http:
+                return await asyncio.gather(
+                    *(http.post(server.url + "/score", json={"items": [item]}) for _ in range(2))
+                )
+
+        for response in asyncio.run(normal()):  # as many as the queue holds
             assert response.status_code == 200, response.text
             assert_close(response.json()["scores"], expected)
-        assert time.monotonic() - started < 4  # answered while the slow ones still hold their connections
         for sock in slow:
             answer = b""
             while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
@@ -359,7 +382,8 @@ def test_slow_senders_cannot_lock_others_out(servers, scorer):
     finally:
         for sock in slow:
             sock.close()
-    assert httpx.get(server.url + "/health").json()["in_flight"] == 0
+    health = httpx.get(server.url + "/health").json()
+    assert health["in_flight"] == 0 and health["receiving"] == 0
 
 
 def test_an_empty_api_key_is_refused_at_start(tiny_qwen2_rm_dir):
@@ -495,9 +519,13 @@ def test_graceful_shutdown_finishes_admitted_requests(servers, scorer):
     async def run():
         async with httpx.AsyncClient(timeout=30) as http:
             admitted = [asyncio.ensure_future(http.post(url + "/score", json={"items": [item]})) for _ in range(2)]
-            await asyncio.sleep(0.15)
+            # Signal once both are admitted (or, on a slow machine, already answered), ...
+            await asyncio.to_thread(
+                wait_for_health, url, lambda h: h[1]["in_flight"] == 2 or all(f.done() for f in admitted)
+            )
             server.proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.05)
+            # ... and ask again once the server has taken the signal in (draining, or no longer listening).
+            await asyncio.to_thread(wait_for_health, url, lambda h: h is None or h[0] == 503)
             async with httpx.AsyncClient(timeout=5) as fresh:
                 try:
                     late = (await fresh.post(url + "/score", json={"items": [item]})).status_code

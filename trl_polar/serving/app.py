@@ -301,6 +301,7 @@ async def health(request: Request, response: Response) -> HealthResponse:
         model=service.model_name,
         queue_depth=service.batcher.depth,
         in_flight=service.in_flight,
+        receiving=service.receiving,
         max_queue=service.settings.max_queue,
         uptime_s=round(time.time() - service.started, 3),
     )

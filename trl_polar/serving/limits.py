@@ -71,6 +71,7 @@ class Limits:
                 raise RequestError(
                     413, f"The body has {int(declared)} bytes, over the limit of {limit}; {_FIX_SIZE}.", "body"
                 )
+        self.service.receiving += 1
         try:
             async with asyncio.timeout(timeout):
                 return await _body(receive, limit)
@@ -78,6 +79,8 @@ class Limits:
             # The rest of the body may still come; closing the connection keeps it from being read as a request.
             message = f"The body did not arrive within {timeout:g} s; send it at once (or raise --body-timeout)."
             raise RequestError(408, message, "body", {"Connection": "close"}) from None
+        finally:
+            self.service.receiving -= 1
 
 
 async def _body(receive: Receive, limit: int) -> bytes:

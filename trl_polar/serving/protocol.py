@@ -483,6 +483,7 @@ class HealthResponse(BaseModel):
     model: str
     queue_depth: int = Field(description="Requests waiting for the batch worker.")
     in_flight: int = Field(description="Requests admitted and not yet answered.")
+    receiving: int = Field(0, description="Requests whose body is still arriving (they hold no place in the queue).")
     max_queue: int
     uptime_s: float
 

@@ -85,6 +85,7 @@ class PolarService:
         source = getattr(getattr(scorer, "model", None), "name_or_path", None) or "polar"
         self.model_name = settings.model_name or os.path.basename(str(source).rstrip("/")) or "polar"
         self.in_flight = 0
+        self.receiving = 0
         self.draining = False
         self.started = time.time()
         self.metrics = Metrics(lambda: self.batcher.depth, lambda: self.in_flight)
