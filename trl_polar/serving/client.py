@@ -186,16 +186,12 @@ class PolarClient:
         self.endpoint = BACKENDS[backend].endpoint
         self.urls = [_normalize_url(u, self.endpoint) for u in _targets(url, urls)]
         self.api_key = api_key
-        self.template = None
-        if BACKENDS[backend].formats:
-            if template is None:
-                raise ValueError(
-                    f"backend={backend!r} sends formatted text, so the client needs the template: pass "
-                    "template=<reward model path> (or a PolarTemplate)."
-                )
-            self.template = _load_template(template)
-        elif template is not None:
-            self.template = _load_template(template)
+        if BACKENDS[backend].formats and template is None:
+            raise ValueError(
+                f"backend={backend!r} sends formatted text, so the client needs the template: pass "
+                "template=<reward model path> (or a PolarTemplate)."
+            )
+        self.template = None if template is None else _load_template(template)
         if model_name is None and backend == "sglang":
             source = getattr(self.template.tokenizer, "name_or_path", "") if self.template else ""
             model_name = os.path.basename(str(source).rstrip("/")) or None
@@ -227,8 +223,7 @@ class PolarClient:
         # Travels as its settings (TRL may pickle reward functions into another process); the loop and the
         # connections are rebuilt there on first use.
         runtime = {"_replicas", "_turn", "_loop", "_thread", "_http", "_semaphore", "_pid", "_start_lock", "stats"}
-        keep = {k: v for k, v in self.__dict__.items() if k not in runtime}
-        return keep
+        return {k: v for k, v in self.__dict__.items() if k not in runtime}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)

@@ -106,12 +106,7 @@ def check_engine(
     from ..scorer import PolarScorer
     from .client import PolarClient
 
-    n = len(candidates)
-    if not (len(prompts) == len(references) == n) or n == 0:
-        raise ValueError(
-            f"check_engine needs rows: got {len(prompts)} prompts, {len(references)} references, {n} candidates."
-        )
-    wrappers = list(wrappers) if wrappers is not None else ["sft"] * n
+    wrappers = _wrappers(prompts, references, candidates, wrappers)
     scorer = PolarScorer(model, device=device, dtype=dtype)
     local = scorer.score(prompts, references, candidates, wrappers)
     client = PolarClient(
@@ -130,9 +125,28 @@ def check_engine(
     if tolerance is None:
         tolerance = 1e-3 * max(1.0, max(abs(x) for x in local))
     check = EngineCheck(backend, url, remote, local, tolerance)
-    if check.agrees:
-        return check
+    if not check.agrees:
+        rows = (prompts, references, candidates, wrappers)
+        check.causes = _explain(check, scorer, rows, api_key=api_key, model_name=model_name, timeout=timeout)
+    return check
 
+
+def _wrappers(prompts: Sequence[Any], references: Sequence[Any], candidates: Sequence[Any], wrappers: Any) -> list:
+    """The rows' wrappers ("sft" by default), once the rows are known to be rows."""
+    n = len(candidates)
+    if not (len(prompts) == len(references) == n) or n == 0:
+        raise ValueError(
+            f"check_engine needs rows: got {len(prompts)} prompts, {len(references)} references, {n} candidates."
+        )
+    return list(wrappers) if wrappers is not None else ["sft"] * n
+
+
+def _explain(check: EngineCheck, scorer: Any, rows: tuple, **engine: Any) -> list[str]:
+    """Why the engine's scores differ: the in-process scores of variants of the input (the engine's own token
+    ids, no BOS, the other wrapper) compared with the remote ones, and the engine's tokenization with ours."""
+    prompts, references, candidates, wrappers = rows
+    remote, tolerance, url, backend = check.remote, check.tolerance, check.url, check.backend
+    api_key, model_name, timeout = engine["api_key"], engine["model_name"], engine["timeout"]
     template = scorer.template
     texts = [template.format(p, r, c, w) for p, r, c, w in zip(prompts, references, candidates, wrappers)]
     ids = [template.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
@@ -148,15 +162,14 @@ def check_engine(
         alternatives["no BOS"] = scorer.score_ids([x[1:] for x in ids])
     other = ["pretrain" if w == "sft" else "sft" for w in wrappers]
     alternatives["other wrapper"] = scorer.score(prompts, references, candidates, other)
-    check.causes = diagnose(
+    return diagnose(
         remote,
-        local,
+        check.local,
         tolerance=tolerance,
         alternatives=alternatives,
         tokenization=compare_ids(engine_ids, ids, template) if engine_ids is not None else [],
         wrapper=wrappers[0],
     )
-    return check
 
 
 # Where each engine tokenizes a text: lmdeploy's /v1/encode ({"input", "add_bos"} -> {"input_ids"}); vLLM's and
@@ -290,8 +303,12 @@ def diagnose(
             f"text (the '\\n' after the prompt {'dropped' if other == 'pretrain' else 'added'}); send "
             f"wrapper={other!r} rows here or fix the engine's template.",
         ]
-    if causes:
-        return causes
+    return causes or _head_causes(remote, local, tolerance)
+
+
+def _head_causes(remote: Sequence[float], local: Sequence[float], tolerance: float) -> list[str]:
+    """The causes read from the scores alone, when the input explains nothing: an activation, an affine head, the
+    engine's precision, or another model."""
     if _close(remote, [1 / (1 + math.exp(-x)) for x in local], tolerance):
         return [
             "head or activation: the remote scores are sigmoid(in-process scores): the engine applies an "
