@@ -119,18 +119,13 @@ def test_train_command_on_its_defaults(tmp_path, tiny_qwen2_lm_dir):
     assert model.score.weight.abs().sum().item() > 0
 
 
-def test_max_packed_length_is_the_old_name_of_max_row_length():
-    with pytest.warns(FutureWarning, match="max_row_length"):
-        config = PolarConfig(output_dir="x", use_cpu=True, max_packed_length=64)
-    assert (config.max_row_length, config.max_packed_length) == (64, None)
-    with pytest.raises(ValueError, match="same setting"):
-        PolarConfig(output_dir="x", use_cpu=True, max_packed_length=64, max_row_length=32)
-    with pytest.raises(ValueError, match="`max_row_length` must be a positive integer or None, got 0"):
-        PolarConfig(output_dir="x", use_cpu=True, max_row_length=0)
-
-
 def test_a_bad_margin_names_its_row_and_column(tmp_path, tiny_qwen2_rm_dir):
     rows = toy_rows(4, seed=5, margin=True)
     rows[2]["margin"] = float("nan")
     with pytest.raises(ValueError, match=r"^train dataset, row 2, column `margin`: must be a finite number, got nan"):
         _train(tmp_path, tiny_qwen2_rm_dir, Dataset.from_list(rows), bf16=False)
+
+
+def test_max_row_length_must_be_positive():
+    with pytest.raises(ValueError, match="`max_row_length` must be a positive integer or None, got 0"):
+        PolarConfig(output_dir="x", use_cpu=True, max_row_length=0)

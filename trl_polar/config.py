@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,9 +113,6 @@ class PolarConfig(RewardConfig):
             "batch is always one unpadded row."
         },
     )
-    max_packed_length: int | None = field(
-        default=None, metadata={"help": "Deprecated name of `max_row_length`; it sets that field and warns."}
-    )
     # ---------------------------------------------------------------------------------------------- the loss
     loss_type: str = field(
         default="bradley_terry",
@@ -152,14 +148,6 @@ class PolarConfig(RewardConfig):
         for name in ("separator", "reward_token"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"`{name}` must be a non-empty string, got {getattr(self, name)!r}.")
-        if self.max_packed_length is not None:
-            if self.max_row_length is not None and self.max_row_length != self.max_packed_length:
-                raise ValueError(
-                    f"`max_packed_length`={self.max_packed_length} and `max_row_length`={self.max_row_length} are the "
-                    "same setting; keep only max_row_length."
-                )
-            warnings.warn("`max_packed_length` is deprecated; use `max_row_length`.", FutureWarning, stacklevel=2)
-            self.max_row_length, self.max_packed_length = self.max_packed_length, None
         check_positive_int("max_row_length", self.max_row_length, optional=True)
         if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
             raise ValueError(
