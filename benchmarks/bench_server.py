@@ -3,7 +3,7 @@
 The same items (GRPO-like groups: G completions per (prompt, reference)) are scored
 
 - in-process: one `PolarScorer.score` call over all items (the best a single process does with the model);
-- through the server: a real ``python -m trl_polar.serving`` subprocess on 127.0.0.1, ``--clients`` concurrent
+- through the server: a real ``python -m trl_polar.cli serve`` subprocess on 127.0.0.1, ``--clients`` concurrent
   clients, each request one group of ``--items-per-request`` items, over real HTTP.
 
 Reported: ``fraction_of_inprocess`` = server items/s at full load / in-process items/s (target >= 0.8), p50/p99
@@ -94,7 +94,8 @@ def start_server(args, model_dir):
     cmd = [
         sys.executable,
         "-m",
-        "trl_polar.serving",
+        "trl_polar.cli",
+        "serve",
         "--model",
         model_dir,
         "--port",
