@@ -9,6 +9,7 @@ refusal is always the one envelope `ErrorEnvelope`: ``{"error": {"message", "typ
 from __future__ import annotations
 
 import math
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -49,6 +50,10 @@ EXAMPLES: dict[str, dict[str, Any]] = {
 
 
 # ---------------------------------------------------------------------------------------------------- value types
+# A string parsed from JSON holds a UTF-16 surrogate only where an escape left it unpaired.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _surrogate_at(value: Any, at: str = "") -> str | None:
     """The path below ``value`` of its first string (or key) that is not text (a lone UTF-16 surrogate, which JSON
     escapes can carry and no tokenizer or JSON answer can); None if every one is text.
@@ -58,7 +63,7 @@ def _surrogate_at(value: Any, at: str = "") -> str | None:
         '[1].content'
     """
     if isinstance(value, str):
-        return None if value.isascii() or _is_text(value) else at
+        return at if _SURROGATE.search(value) else None
     if isinstance(value, dict):
         for key, item in value.items():
             where = f"{at}.{key}"
@@ -71,14 +76,6 @@ def _surrogate_at(value: Any, at: str = "") -> str | None:
             (found for i, x in enumerate(value) if (found := _surrogate_at(x, f"{at}[{i}]")) is not None), None
         )
     return None
-
-
-def _is_text(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def unicode_only(value: Any) -> Any:
