@@ -35,7 +35,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..integrations.openrlhf import answer as openrlhf_answer
+from .get_reward import answer as openrlhf_answer
 from .protocol import (
     REQUEST_MODELS,
     RESPONSE_MODELS,

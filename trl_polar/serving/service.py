@@ -13,10 +13,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..integrations.openrlhf import Extracted, OpenRLHFInputError, read_samples
 from ..scorer import Encoded, EncodeError
 from ..template import PolarTemplate
 from .batcher import RETRY_AFTER_S, Batcher
+from .get_reward import Extracted, OpenRLHFInputError, read_samples
 from .metrics import Metrics
 from .protocol import POOLING_SHAPES, GetRewardRequest, RequestError, ScoreOptions, ScoreRequest
 
