@@ -22,6 +22,8 @@ REQUIREMENTS = HERE / "requirements"
 STANDINS = HERE / "standins"
 CACHE = Path(os.environ.get("TRL_POLAR_CALLERS_DIR", ROOT / ".callers"))
 COMMON = "common"
+# Stand-ins a caller family needs beyond Ray: OpenRLHF imports vLLM and flash-attn (GPU packages) on its rollout path.
+EXTRA_STANDINS = {"openrlhf": ["gpu"]}
 
 
 def names() -> list[str]:
@@ -55,7 +57,8 @@ def install(name: str) -> Path:
 
 def caller_path(name: str) -> list[str]:
     """The ``sys.path`` entries (first first) under which ``name``'s own code runs, installing what is missing."""
-    return [str(STANDINS), str(install(name)), str(install(COMMON)), str(ROOT)]
+    extra = [str(STANDINS / folder) for folder in EXTRA_STANDINS.get(name.rsplit("-", 1)[0], [])]
+    return [str(STANDINS), *extra, str(install(name)), str(install(COMMON)), str(ROOT)]
 
 
 def main(argv: list[str]) -> int:
