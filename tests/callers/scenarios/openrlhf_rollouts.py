@@ -17,6 +17,7 @@ import importlib.util
 import json
 import sys
 import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 from openrlhf.trainer.ppo_utils.experience import Experience
@@ -27,7 +28,7 @@ from vllm import SamplingParams
 
 
 def parse(flags):
-    source = open(importlib.util.find_spec("openrlhf.cli.train_ppo_ray").origin, encoding="utf-8").read()
+    source = Path(importlib.util.find_spec("openrlhf.cli.train_ppo_ray").origin).read_text(encoding="utf-8")
     main = textwrap.dedent(source.split('if __name__ == "__main__":', 1)[1])
     parsed = []
     sys.argv = ["train_ppo_ray", *flags]
