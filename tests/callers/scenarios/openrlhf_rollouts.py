@@ -47,32 +47,41 @@ class Engine:
         return SimpleNamespace(outputs=[out])
 
 
+def setting(args, dotted, flat):
+    """One setting, as 0.11 (``reward.remote_url``) or earlier releases (``remote_rm_url``) name it."""
+    node = args
+    for part in dotted.split("."):
+        node = getattr(node, part, None)
+    return node if node is not None or not flat else getattr(args, flat, None)
+
+
 payload = json.load(sys.stdin)
 args = parse(payload["flags"])
+remote_url = setting(args, "reward.remote_url", "remote_rm_url")
+max_len = setting(args, "data.max_len", "max_len")
+micro_batch = setting(args, "rollout.micro_batch_size", "micro_rollout_batch_size")
 tokenizer = AutoTokenizer.from_pretrained(payload["tokenizer"])
-executor = SingleTurnAgentExecutor(remote_rm_url=args.reward.remote_url)
-params = SamplingParams(max_tokens=args.rollout.max_new_tokens, logprobs=None)
+executor = SingleTurnAgentExecutor(remote_rm_url=remote_url)
+params = SamplingParams(max_tokens=setting(args, "rollout.max_new_tokens", "max_new_tokens"), logprobs=None)
 
 
 async def roll(rollout):
     ids = tokenizer(rollout["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return await executor.execute(
-        rollout["prompt"], rollout["label"], params, args.data.max_len, tokenizer, Engine(ids)
-    )
+    return await executor.execute(rollout["prompt"], rollout["label"], params, max_len, tokenizer, Engine(ids))
 
 
 outputs = [asyncio.run(roll(r)) for r in payload["rollouts"]]
-samples = [SamplesGenerator._process_response_into_experience(None, o, max_len=args.data.max_len) for o in outputs]
-size = args.rollout.micro_batch_size
+samples = [SamplesGenerator._process_response_into_experience(None, o, max_len=max_len) for o in outputs]
+size = micro_batch
 batches = [
     Experience.concat_experiences(samples[i : i + size], tokenizer.pad_token_id) for i in range(0, len(samples), size)
 ]
 print(
     json.dumps(
         {
-            "remote_url": args.reward.remote_url,
-            "label_key": args.data.label_key,
-            "clip_range": list(args.reward.clip_range),
+            "remote_url": remote_url,
+            "label_key": setting(args, "data.label_key", "label_key"),
+            "clip_range": list(setting(args, "reward.clip_range", "reward_clip_range")),
             "rewards_precomputed": batches[0].rewards is not None,
             "batches": [
                 {
