@@ -4,8 +4,13 @@ this path (the GRPO trainer itself pins trl < 1.0 and is not run; generation and
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from doc_commands import compat_rows  # noqa: E402
 
 from trl_polar.rewards import strip_think
 from trl_polar.scorer import PolarScorer
@@ -29,7 +34,11 @@ def _rows(solutions, column="solution"):
     ]
 
 
-def test_ms_swift_grpo_scores_per_row_under_the_failure_policy(caller, tiny_qwen2_rm_dir):
+VERSIONS = [v for row in compat_rows() if row["caller"] == "ms-swift" for v in row["versions"]]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_ms_swift_grpo_scores_per_row_under_the_failure_policy(caller, tiny_qwen2_rm_dir, version):
     env = {"TRL_POLAR_MODEL": tiny_qwen2_rm_dir, "TRL_POLAR_DEVICE": "cpu"}
     with_gap = [REFERENCE, "", REFERENCE, REFERENCE]  # row 1 has an empty reference
     cases = [
@@ -38,7 +47,7 @@ def test_ms_swift_grpo_scores_per_row_under_the_failure_policy(caller, tiny_qwen
         {"env": {"TRL_POLAR_REFERENCE_COLUMN": "answer"}, "rows": _rows([REFERENCE] * 4, column="answer")},
         {"env": {}, "rows": _rows([REFERENCE] * 4, column="answer")},
     ]
-    scored, raised, renamed, missing = caller("ms-swift-4.6.0").scenario(
+    scored, raised, renamed, missing = caller(f"ms-swift-{version}").scenario(
         "ms_swift_grpo_rewards.py", {"cases": cases}, env
     )["results"]
     system_and_user = _rows([REFERENCE] * 4)[0]["messages"][:2]
