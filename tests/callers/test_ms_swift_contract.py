@@ -1,5 +1,6 @@
-"""ms-swift 4.6.0's own code loading the POLAR plugin and calling it in its GRPO reward step. Stood in: nothing on
-this path (the GRPO trainer itself pins trl < 1.0 and is not run; generation and GPUs are not used)."""
+"""ms-swift 4.6.0's own code parsing the documented command, loading the POLAR plugin and calling it in its GRPO
+reward step. Stood in: nothing on this path (the GRPO trainer itself pins trl < 1.0 and is not run; generation and
+GPUs are not used)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from doc_commands import compat_rows  # noqa: E402
+from doc_commands import bash_blocks, commands, compat_rows, section  # noqa: E402
 
 from trl_polar.rewards import strip_think
 from trl_polar.scorer import PolarScorer
@@ -47,9 +48,16 @@ def test_ms_swift_grpo_scores_per_row_under_the_failure_policy(caller, tiny_qwen
         {"env": {"TRL_POLAR_REFERENCE_COLUMN": "answer"}, "rows": _rows([REFERENCE] * 4, column="answer")},
         {"env": {}, "rows": _rows([REFERENCE] * 4, column="answer")},
     ]
-    scored, raised, renamed, missing = caller(f"ms-swift-{version}").scenario(
-        "ms_swift_grpo_rewards.py", {"cases": cases}, env
-    )["results"]
+    (block,) = bash_blocks(section("GRPO in ms-swift"))
+    argv = commands(block)["swift"]
+    out = caller(f"ms-swift-{version}").scenario("ms_swift_grpo_rewards.py", {"cases": cases, "argv": argv}, env)
+    # The documented command, parsed by ms-swift: every flag known, the plugin file ours, the reward named polar.
+    import trl_polar.integrations.ms_swift as plugin
+
+    assert out["parsed"]["command"] == "rlhf" and out["parsed"]["rlhf_type"] == "grpo"
+    assert out["parsed"]["remaining"] == [] and out["parsed"]["reward_funcs"] == ["polar"]
+    assert out["parsed"]["external_plugins"] == [plugin.PLUGIN]
+    scored, raised, renamed, missing = out["results"]
     system_and_user = _rows([REFERENCE] * 4)[0]["messages"][:2]
     expected = PolarScorer(tiny_qwen2_rm_dir, device="cpu").score(
         [system_and_user] * 4, [REFERENCE] * 4, [strip_think(c) for c in COMPLETIONS]
