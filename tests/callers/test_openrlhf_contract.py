@@ -53,10 +53,8 @@ def test_openrlhf_scores_and_survives_a_failed_rollout(caller, server, tiny_qwen
     expected = PolarScorer(tiny_qwen2_rm_dir, device="cpu").score(
         [PROMPT] * 2, [REFERENCE] * 2, [strip_think(ROLLOUTS[1]["response"]), ROLLOUTS[2]["response"]]
     )
-    results = []
-    for flags in _flags(row["command"], server.url):
-        payload = {"flags": flags, "rollouts": ROLLOUTS, "tokenizer": tiny_qwen2_rm_dir}
-        results.append(caller(f"openrlhf-{version}").scenario("openrlhf_rollouts.py", payload, env))
+    payload = {"commands": _flags(row["command"], server.url), "rollouts": ROLLOUTS, "tokenizer": tiny_qwen2_rm_dir}
+    results = caller(f"openrlhf-{version}").scenario("openrlhf_rollouts.py", payload, env)["results"]
     assert len(results) == 2  # the HTTP command and the reward-file command
     http, file = results
     assert http["remote_url"] == [server.url + "/get_reward"] and file["remote_url"][0].endswith("openrlhf.py")

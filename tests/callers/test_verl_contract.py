@@ -79,49 +79,60 @@ def _samples():
     ]
 
 
-def test_verl_reward_loop_manager_scores_with_polar(caller, scorer, tiny_qwen2_rm_dir):
-    """verl 0.9.1's RewardLoopManager.compute_rm_score -> workers -> naive run_single -> compute_score_async: the
-    rewards at the last response token equal PolarScorer's; a failed sample scores 0.0 with polar_failed=1."""
-    overrides = main_ppo_argv("verl 0.9") + [
-        f"actor_rollout_ref.model.path={tiny_qwen2_rm_dir}",
-        "reward.num_workers=2",
-        "+reward.custom_reward_function.reward_kwargs.prompt_key=question",
-    ]
-    overrides = [
-        o for o in overrides if not o.startswith("+reward.custom_reward_function.reward_kwargs.prompt_key=prompt")
-    ]
-    env = {"TRL_POLAR_MODEL": tiny_qwen2_rm_dir, "TRL_POLAR_DEVICE": "cpu", "TRL_POLAR_ON_ERROR": "none"}
-    out = caller("verl-0.9.1").scenario("verl_reward_loop.py", {"overrides": overrides, "samples": _samples()}, env)
-    expected = scorer.score([PROMPT] * 3, [REFERENCE] * 3, [strip_think(r) for r in out["responses"][:3]])
-    assert out["rewards"][:3] == pytest.approx(expected, abs=1e-5)
-    assert out["rewards"][3] == 0.0 and out["extra"]["polar_failed"] == [0.0, 0.0, 0.0, 1.0]
-
-
-def test_verl_reward_router_scores_on_the_engine_behind_it(caller, scorer, tiny_qwen2_rm_dir):
-    """verl's RewardLoopWorker with a reward_router_address (verl's reward-model pool): the adapter scores through
-    it in vLLM's wire shape; a `trl-polar serve` stands in for verl's vLLM servers."""
+@pytest.fixture(scope="module")
+def reward_loop(caller, tiny_qwen2_rm_dir):
+    """One verl 0.9.1 process, two runs: the RewardLoopManager with the in-process model (TRL_POLAR_ON_ERROR=none),
+    then a RewardLoopWorker given a reward_router_address with a `trl-polar serve` behind it."""
+    manager = {
+        "env": {"TRL_POLAR_ON_ERROR": "none"},
+        "overrides": [o for o in main_ppo_argv("verl 0.9") if "reward_kwargs.prompt_key" not in o]
+        + [
+            f"actor_rollout_ref.model.path={tiny_qwen2_rm_dir}",
+            "reward.num_workers=2",
+            "+reward.custom_reward_function.reward_kwargs.prompt_key=question",
+        ],
+        "samples": _samples(),
+    }
     sys.path.insert(0, str(Path(__file__).parents[1]))
     from serving_helpers import ServerProcess
 
     server = ServerProcess(tiny_qwen2_rm_dir).wait_ready()
     try:
-        overrides = main_ppo_argv("verl 0.9") + [
-            f"actor_rollout_ref.model.path={tiny_qwen2_rm_dir}",
-            "reward.reward_model.enable=True",
-            f"reward.reward_model.model_path={tiny_qwen2_rm_dir}",
-            "reward.reward_model.rollout.name=vllm",
-        ]
-        env = {"TRL_POLAR_MODEL": tiny_qwen2_rm_dir, "TRL_POLAR_BACKEND": "vllm", "TRL_POLAR_DEVICE": "cpu"}
-        router = server.url.removeprefix("http://")
-        payload = {"overrides": overrides, "samples": _samples()[:3], "router": router}
-        for s in payload["samples"]:
-            s["extra_info"] = {"prompt": PROMPT}
-        out = caller("verl-0.9.1").scenario("verl_reward_loop.py", payload, env)
+        router = {
+            "env": {"TRL_POLAR_BACKEND": "vllm"},
+            "overrides": main_ppo_argv("verl 0.9")
+            + [
+                f"actor_rollout_ref.model.path={tiny_qwen2_rm_dir}",
+                "reward.reward_model.enable=True",
+                f"reward.reward_model.model_path={tiny_qwen2_rm_dir}",
+                "reward.reward_model.rollout.name=vllm",
+            ],
+            "samples": [{**s, "extra_info": {"prompt": PROMPT}} for s in _samples()[:3]],
+            "router": server.url.removeprefix("http://"),
+        }
+        env = {"TRL_POLAR_MODEL": tiny_qwen2_rm_dir, "TRL_POLAR_DEVICE": "cpu"}
+        out = caller("verl-0.9.1").scenario("verl_reward_loop.py", {"runs": [manager, router]}, env)["results"]
         import httpx
 
         metrics = httpx.get(server.url + "/metrics").text
     finally:
         server.stop()
+    return out, metrics
+
+
+def test_verl_reward_loop_manager_scores_with_polar(reward_loop, scorer):
+    """verl 0.9.1's RewardLoopManager.compute_rm_score -> workers -> naive run_single -> compute_score_async: the
+    rewards at the last response token equal PolarScorer's; a failed sample scores 0.0 with polar_failed=1."""
+    out = reward_loop[0][0]
+    expected = scorer.score([PROMPT] * 3, [REFERENCE] * 3, [strip_think(r) for r in out["responses"][:3]])
+    assert out["rewards"][:3] == pytest.approx(expected, abs=1e-5)
+    assert out["rewards"][3] == 0.0 and out["extra"]["polar_failed"] == [0.0, 0.0, 0.0, 1.0]
+
+
+def test_verl_reward_router_scores_on_the_engine_behind_it(reward_loop, scorer):
+    """verl's RewardLoopWorker with a reward_router_address (verl's reward-model pool): the adapter scores through
+    it in vLLM's wire shape; a `trl-polar serve` stands in for verl's vLLM servers."""
+    out, metrics = reward_loop[0][1], reward_loop[1]
     expected = scorer.score([PROMPT] * 3, [REFERENCE] * 3, [strip_think(r) for r in out["responses"]])
     assert out["rewards"] == pytest.approx(expected, abs=1e-4)
     assert 'endpoint="/pooling"' in metrics
