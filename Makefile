@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test lint quickstart docs dist clean
+.PHONY: install callers test lint quickstart docs dist clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# The RL frameworks that call trl_polar, at their pinned versions, into .callers/ (reused while the pins hold).
+callers: install
+	$(BIN)/python tests/callers/install.py
+
+test: lint callers
 	$(BIN)/pytest -m "not slow"
 
 quickstart: install
@@ -37,4 +41,4 @@ dist: install
 	rm -rf dist && $(BIN)/python -m build && $(BIN)/twine check --strict dist/*
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache site
+	rm -rf $(VENV) .callers build dist *.egg-info .pytest_cache .ruff_cache site

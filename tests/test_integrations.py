@@ -70,9 +70,9 @@ def test_openrlhf_reward_func_call(polar_env, scorer):
     result = module.reward_func([query, query], [templated, templated], [label, "4"])
     expected = scorer.score(["What is 2 + 2?", templated], ["4", "4"], ["The answer is 4."] * 2)
     assert result["rewards"].tolist() == pytest.approx(expected, abs=1e-6)
-    # OpenRLHF turns an exception into "no reward" silently, so a bad sample is no reward, counted, by default.
+    # OpenRLHF has no "no reward" state: a bad sample gets the finite fallback, counted, by default.
     result = module.reward_func([query], [templated], [""])
-    assert result["rewards"] is None and result["extra_logs"]["polar_failed"].tolist() == [1.0]
+    assert result["rewards"].tolist() == [-10.0] and result["extra_logs"]["polar_failed"].tolist() == [1.0]
 
 
 def test_response_from_query():
@@ -85,25 +85,36 @@ def test_response_from_query():
 
 def test_config_file_and_env(tmp_path, polar_env, monkeypatch):
     config = tmp_path / "polar.yaml"
-    config.write_text("max_tokens: 2048\nstrip_think: false\nclip: '-5,1'\n", encoding="utf-8")
+    config.write_text("max_tokens: 2048\nstrip_think: false\nclip: '-5,1'\nbaseline: false\n", encoding="utf-8")
     monkeypatch.setenv("TRL_POLAR_CONFIG", str(config))
-    monkeypatch.setenv("TRL_POLAR_BASELINE", "1")
-    settings = integrations.load_config()
-    assert settings["max_tokens"] == 2048 and settings["strip_think"] is False and settings["baseline"] is True
+    monkeypatch.setenv("TRL_POLAR_BASELINE", "1")  # the variable wins over the file
+    settings = integrations.settings()
+    assert settings.max_tokens == 2048 and settings.strip_think is False and settings.baseline is True
+    assert integrations.settings() is settings  # parsed once while the variables stay the same
     reward = integrations.get_reward()
     assert reward.clip == (-5.0, 1.0) and reward.baseline and reward.scorer.max_tokens_per_batch == 2048
     assert integrations.get_reward() is reward  # one model per process and setting
     config.write_text("temperature: 1\n", encoding="utf-8")
+    monkeypatch.setenv("TRL_POLAR_BASELINE", "true")  # another set of variables: read again
     with pytest.raises(ValueError, match=r"unknown keys \['temperature'\]"):
-        integrations.load_config()
+        integrations.settings()
     monkeypatch.delenv("TRL_POLAR_CONFIG")
     monkeypatch.setenv("TRL_POLAR_MAX_TOKENS", "lots")
-    with pytest.raises(ValueError, match="TRL_POLAR_MAX_TOKENS must be an integer"):
-        integrations.load_config()
+    with pytest.raises(ValueError, match="TRL_POLAR_MAX_TOKENS .*valid integer"):
+        integrations.settings()
+    monkeypatch.setenv("TRL_POLAR_MAX_TOKENS", "64")
+    monkeypatch.setenv("TRL_POLAR_STRIP_THINK", "maybe")
+    with pytest.raises(ValueError, match="TRL_POLAR_STRIP_THINK .*valid boolean"):
+        integrations.settings()
+    monkeypatch.setenv("TRL_POLAR_STRIP_THINK", "off")
+    monkeypatch.setenv("TRL_POLAR_ON_ERROR", "skip")
+    with pytest.raises(ValueError, match="TRL_POLAR_ON_ERROR .*on_error"):
+        integrations.settings()
+    monkeypatch.delenv("TRL_POLAR_ON_ERROR")
+    assert integrations.settings().strip_think is False
     monkeypatch.delenv("TRL_POLAR_MODEL")
-    monkeypatch.delenv("TRL_POLAR_MAX_TOKENS")
     with pytest.raises(ValueError, match="set TRL_POLAR_MODEL"):
-        integrations.load_config()
+        integrations.settings()
 
 
 def test_openrlhf_extraction_names_the_sample():

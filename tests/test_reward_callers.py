@@ -15,10 +15,8 @@ The callers' contracts, as read in their sources:
   ``decode(prompt_ids + response_ids, skip_special_tokens=False)`` while ``prompts`` holds the full prompt. A reward
   file's ``reward_func([query], [prompt], [label])`` runs in a thread; an HTTP answer's ``rewards``, ``scores`` and
   ``extra_logs`` are read with ``.get`` (None ``rewards`` = no reward); any non-200 answer is retried, then dropped.
-- ms-swift 4.6.0.dev0 (modelscope/ms-swift 3602360): ``--external_plugins FILE`` puts the file's folder first on
-  ``sys.path`` and imports the file by its name; ``orms[name](args=args)`` builds the reward; it is called as
-  ``reward(completions, **kwargs)`` where completions are ``messages[-1]["content"]`` and kwargs hold
-  ``trainer_state``, every dataset column (``solution``) and ``messages`` (the completion last); None becomes NaN.
+
+ms-swift's own loader and GRPO reward step run in ``tests/callers/test_ms_swift_contract.py``, against the release.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import importlib
 import inspect
 import json
 import os
@@ -273,7 +270,9 @@ def test_openrlhf_http_and_file_give_the_same_rewards(polar_env, scorer, server)
     assert all(torch.equal(r["extra_logs"]["polar_failed"], torch.tensor([0.0])) for r in file_results)
 
 
-def test_openrlhf_failures_reach_the_user(polar_env, server, caplog):
+def test_openrlhf_failures_reach_the_user(polar_env, server, caplog, monkeypatch):
+    """A rollout that cannot be read gets the same finite fallback reward and polar_failed=1 over HTTP and from the
+    reward file (OpenRLHF stops on a missing reward), with the cause in `errors` and in the log."""
     from trl_polar.integrations import openrlhf
 
     bad = [
@@ -292,21 +291,29 @@ def test_openrlhf_failures_reach_the_user(polar_env, server, caplog):
         )
         assert response.status_code == 200, response.text  # OpenRLHF drops the body of anything else
         body = response.json()
-        assert body.get("rewards") is None and body.get("scores") is None  # OpenRLHF's own "no reward"
+        assert body["rewards"] == [-10.0] and body["scores"] == [-10.0]  # TRL_POLAR_FAILURE_REWARD's default
         assert body["extra_logs"] == {"polar_failed": [1.0]}
         (error,) = body["errors"]
         assert error["index"] == 0 and error["field"] == field and says in error["message"]
         # The reward file: the same outcome, the message in the log (on_error defaults to "none" for OpenRLHF).
         with caplog.at_level("WARNING"):
             result = openrlhf.reward_func([query], [prompt], [label])
-        assert result["rewards"] is None and result["scores"] is None
+        assert result["rewards"].tolist() == body["rewards"] and result["scores"].tolist() == body["scores"]
         assert result["extra_logs"]["polar_failed"].tolist() == [1.0]
         assert says in caplog.text
-    # Several rollouts in one request: the good one is scored, the bad one counted.
+    # Several rollouts in one request: the good one is scored, the bad one gets the fallback and is counted.
     mixed = {"query": [bad[0][0], bad[0][0]], "prompts": [bad[0][1]] * 2, "labels": ["4", ""]}
     body = httpx.post(server.url + "/get_reward", json=mixed).json()
-    assert isinstance(body["rewards"][0], float) and body["rewards"][1] is None
+    assert body["rewards"][0] != -10.0 and body["rewards"][1] == -10.0
     assert body["extra_logs"] == {"polar_failed": [0.0, 1.0]} and body["errors"][0]["index"] == 1
+    file = openrlhf.reward_func(mixed["query"], mixed["prompts"], mixed["labels"])
+    assert file["rewards"].tolist() == pytest.approx(body["rewards"], abs=1e-5)
+    # The fallback is the user's to set.
+    monkeypatch.setenv("TRL_POLAR_FAILURE_REWARD", "-3.5")
+    assert openrlhf.reward_func(*[[x] for x in bad[0][:3]])["rewards"].tolist() == [-3.5]
+    monkeypatch.setenv("TRL_POLAR_FAILURE_REWARD", "nan")
+    with pytest.raises(ValueError, match="TRL_POLAR_FAILURE_REWARD"):
+        openrlhf.reward_func(*[[x] for x in bad[0][:3]])
 
 
 def test_openrlhf_file_raises_when_asked(polar_env, monkeypatch):
@@ -334,50 +341,6 @@ def test_response_after_a_front_cut_prompt():
     assert response_from_query("\ufffd" + prompt[31:] + "Oui.</s>", prompt) == "Oui."
     with pytest.raises(ValueError, match="does not hold its prompt"):
         response_from_query("no overlap at all with it", prompt)
-
-
-# --------------------------------------------------------------------------------------------------------- ms-swift
-def test_ms_swift_plugin_registers_and_scores(polar_env, scorer, tmp_path, monkeypatch):
-    import trl_polar.integrations.ms_swift as ms_swift
-
-    # ms-swift's registry module, as its plugins see it: `from swift.rewards import orms`, a dict of classes.
-    (tmp_path / "swift" / "rewards").mkdir(parents=True)
-    (tmp_path / "swift" / "__init__.py").write_text("")
-    (tmp_path / "swift" / "rewards" / "__init__.py").write_text("orms = {}\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    for name in ("swift", "swift.rewards", "trl_polar_orm"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-
-    # --external_plugins: the file's folder first on sys.path, the file imported by its name.
-    folder, file = os.path.split(ms_swift.PLUGIN)
-    monkeypatch.syspath_prepend(folder)
-    importlib.import_module(file.split(".", 1)[0])
-    # Alone in its folder: putting that folder first on sys.path shadows no other module.
-    assert sorted(set(os.listdir(folder)) - {"__pycache__"}) == ["trl_polar_orm.py"]
-    from swift.rewards import orms
-
-    for name in ("swift", "swift.rewards", "trl_polar_orm"):
-        monkeypatch.setitem(sys.modules, name, sys.modules[name])  # removed again after the test
-
-    reward = orms["polar"](args=object())
-    questions = [PROMPT, PROMPT, "Say hello in French."]
-    completions = [RESPONSES[0], RESPONSES[2], "Bonjour"]
-    messages = [
-        [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": q},
-            {"role": "assistant", "content": c},
-        ]
-        for q, c in zip(questions, completions, strict=True)
-    ]
-    kwargs = {"trainer_state": None, "messages": messages, "solution": [REFERENCE, REFERENCE, "Bonjour"]}
-    kwargs.update(prompt_id=["a", "a", "b"], request_id=["1", "2", "3"], is_truncated=[False] * 3)
-    rewards = reward(completions, **kwargs)
-    prompts = [m[:-1] for m in messages]
-    expected = scorer.score(prompts, kwargs["solution"], _answers(completions))
-    assert rewards == pytest.approx(expected, abs=1e-5)
-    with pytest.raises(ValueError, match=r"column 'solution'.*TRL_POLAR_REFERENCE_COLUMN"):
-        reward(completions, messages=messages, answer=kwargs["solution"])
 
 
 # ------------------------------------------------------------------------------------------------------------- TRL

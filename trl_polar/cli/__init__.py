@@ -12,6 +12,7 @@ import typer
 
 from . import checkpoints, evaluate, info, quickstart, scaling, score, train
 from .check_engine import check_engine_command
+from .check_verl import check_verl_command
 from .data import build_data_command, convert_data_command
 from .errors import CLIError
 from .serve import serve_command
@@ -39,6 +40,7 @@ app.command("build-data")(build_data_command)
 app.command("convert-data")(convert_data_command)
 app.command("serve")(serve_command)
 app.command("check-engine")(check_engine_command)
+app.command("check-verl")(check_verl_command)
 
 __all__ = ["CLIError", "app", "main"]
 

@@ -1,12 +1,13 @@
 """POLAR rewards for verl: `compute_score` (and `compute_score_async`) per sample for verl's reward loop, and
 `compute_score_batch` for the legacy batch reward manager.
 
-verl >= 0.7 (reward loop, the default ``reward_model.use_reward_loop=True``, manager ``naive``)::
+verl 0.9 (and 0.7.1-0.8; reward settings under ``reward.*``, manager ``naive``)::
 
-    custom_reward_function.path=pkg://trl_polar.integrations.verl \
-    custom_reward_function.name=compute_score_async      # or compute_score
+    reward.custom_reward_function.path=pkg://trl_polar.integrations.verl \
+    reward.custom_reward_function.name=compute_score_async      # or compute_score
 
-verl 0.5-0.6 (or ``use_reward_loop=False``)::
+verl 0.7-0.8 also take the top-level ``custom_reward_function.*`` keys (0.9 ignores them and scores with its
+default scorer: ``trl-polar check-verl -- <overrides>`` says which function verl will call). verl 0.5-0.6::
 
     reward_model.reward_manager=batch \
     custom_reward_function.path=$(python -c "import trl_polar.integrations.verl as m; print(m.__file__)") \
@@ -38,13 +39,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from trl_polar.failures import ItemFailure, describe
-from trl_polar.integrations import get_reward, load_config, policy, to_python
+from trl_polar.integrations import AdapterSettings, get_reward, policy, settings, to_python
 from trl_polar.integrations.coalesce import Coalescer
 
 logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
-_coalescers: dict[tuple, Coalescer] = {}
+_coalescers: dict[AdapterSettings, Coalescer] = {}
 _failed = [0]
 _router_noted = [False]
 
@@ -71,45 +72,45 @@ def _check_truth(truth: Any, where: str) -> Any:
     return truth
 
 
-def _settings(kwargs: dict[str, Any]) -> dict[str, Any]:
-    config = load_config()
+def _settings(kwargs: dict[str, Any]) -> AdapterSettings:
+    config = settings()
+    update: dict[str, Any] = {}
     if kwargs.get("prompt_key"):
-        config["prompt_key"] = kwargs["prompt_key"]
+        update["prompt_key"] = kwargs["prompt_key"]
     router = kwargs.get("reward_router_address")
-    if router and not config.get("url"):
-        if (config.get("backend") or "trl-polar") != "trl-polar" and config.get("model"):
-            # verl serves reward_model.model.path with its own engine (reward_model.rollout.name) behind this
-            # router: score there, in that engine's wire shape, with the template from TRL_POLAR_MODEL.
-            config["url"] = f"http://{router}"
+    if router and not config.url:
+        if (config.backend or "trl-polar") != "trl-polar" and config.model:
+            # verl serves reward.reward_model.model_path with its own engine (rollout.name) behind this router:
+            # score there, in that engine's wire shape, with the template from TRL_POLAR_MODEL.
+            update["url"] = f"http://{router}"
         elif not _router_noted[0]:
             _router_noted[0] = True
             logger.warning(
                 "verl passed reward_router_address=%s but TRL_POLAR_BACKEND is not 'vllm' or 'sglang': scoring with "
                 "%s instead. To score on verl's own reward-model servers, set TRL_POLAR_BACKEND to its "
-                "reward_model.rollout.name and TRL_POLAR_MODEL to the POLAR model (for the template).",
+                "reward.reward_model.rollout.name and TRL_POLAR_MODEL to the POLAR model (for the template).",
                 router,
-                "TRL_POLAR_URL" if config.get("url") else "the in-process model",
+                "TRL_POLAR_URL" if config.url else "the in-process model",
             )
-    return config
+    return config.model_copy(update=update) if update else config
 
 
-def _coalescer(config: dict[str, Any]) -> Coalescer:
-    key = tuple(sorted((k, str(v)) for k, v in config.items()))
+def _coalescer(config: AdapterSettings) -> Coalescer:
     with _lock:
-        if key not in _coalescers:
+        if config not in _coalescers:
             # Samples are scored with on_error="none" so that one bad sample spares the others of its batch; the
             # caller's policy then applies to its own sample.
-            _coalescers[key] = Coalescer(get_reward(config=config, on_error="none"), config["batch_window_ms"] / 1000)
-        return _coalescers[key]
+            _coalescers[config] = Coalescer(get_reward(config, on_error="none"), config.batch_window_ms / 1000)
+        return _coalescers[config]
 
 
-def _result(scored: Any, config: dict[str, Any], data_source: Any) -> dict[str, float]:
+def _result(scored: Any, config: AdapterSettings, data_source: Any) -> dict[str, float]:
     if scored.failure is None:
         return {"score": float(scored.reward), "polar_failed": 0.0}
     return _fail(scored.failure, config, data_source)
 
 
-def _fail(reason: str, config: dict[str, Any], data_source: Any) -> dict[str, float]:
+def _fail(reason: str, config: AdapterSettings, data_source: Any) -> dict[str, float]:
     rule = policy(config)
     with _lock:
         _failed[0] += 1
@@ -130,10 +131,33 @@ def _fail(reason: str, config: dict[str, Any], data_source: Any) -> dict[str, fl
     return {"score": 0.0, "polar_failed": 1.0}
 
 
-def _submit(config, data_source, solution_str, ground_truth, extra_info):
-    prompt = _prompt_of(extra_info, config["prompt_key"], data_source)
-    truth = _check_truth(ground_truth, f"A sample of data_source={data_source!r}")
-    return _coalescer(config).submit(prompt, to_python(solution_str), truth)
+def _steps(data_source, solution_str, ground_truth, extra_info, kwargs):
+    """The one body of `compute_score` and `compute_score_async`: yields (policy, future of the sample's `Scored`)
+    once, is sent the `Scored` (or thrown the error of waiting for it), and returns verl's result."""
+    config = _settings(kwargs)
+    rule = policy(config)
+    try:
+        prompt = _prompt_of(extra_info, config.prompt_key, data_source)
+        truth = _check_truth(ground_truth, f"A sample of data_source={data_source!r}")
+        scored = yield rule, _coalescer(config).submit(prompt, to_python(solution_str), truth)
+    except ItemFailure:
+        raise
+    except Exception as err:
+        if rule.on_error == "raise":
+            raise
+        return _fail(describe(err), config, data_source)
+    return _result(scored, config, data_source)
+
+
+def _resume(steps, outcome: Any) -> dict[str, float]:
+    try:
+        if isinstance(outcome, Exception):
+            steps.throw(outcome)
+        else:
+            steps.send(outcome)
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError("the scoring steps yielded twice")  # pragma: no cover - _steps yields once
 
 
 def compute_score(
@@ -145,17 +169,16 @@ def compute_score(
     keys as ``reward_extra_info``. Keyword arguments: ``prompt_key`` (from ``custom_reward_function.reward_kwargs``),
     ``reward_router_address`` (see the module docs); ``reward_model_tokenizer`` and others are accepted and unused.
     """
-    config = _settings(kwargs)
+    steps = _steps(data_source, solution_str, ground_truth, extra_info, kwargs)
     try:
-        future = _submit(config, data_source, solution_str, ground_truth, extra_info)
-        scored = policy(config).wait(future)
-    except ItemFailure:
-        raise
+        rule, future = next(steps)
+    except StopIteration as done:
+        return done.value
+    try:
+        outcome = rule.wait(future)
     except Exception as err:
-        if policy(config).on_error == "raise":
-            raise
-        return _fail(describe(err), config, data_source)
-    return _result(scored, config, data_source)
+        outcome = err
+    return _resume(steps, outcome)
 
 
 async def compute_score_async(
@@ -163,17 +186,16 @@ async def compute_score_async(
 ) -> dict[str, float]:
     """`compute_score` as a coroutine: verl awaits it on its reward loop (it checks
     ``inspect.iscoroutinefunction``), so hundreds of samples wait together without a thread each."""
-    config = _settings(kwargs)
+    steps = _steps(data_source, solution_str, ground_truth, extra_info, kwargs)
     try:
-        future = _submit(config, data_source, solution_str, ground_truth, extra_info)
-        scored = await policy(config).await_(asyncio.wrap_future(future))
-    except ItemFailure:
-        raise
+        rule, future = next(steps)
+    except StopIteration as done:
+        return done.value
+    try:
+        outcome = await rule.await_(asyncio.wrap_future(future))
     except Exception as err:
-        if policy(config).on_error == "raise":
-            raise
-        return _fail(describe(err), config, data_source)
-    return _result(scored, config, data_source)
+        outcome = err
+    return _resume(steps, outcome)
 
 
 def compute_score_batch(
@@ -201,10 +223,10 @@ def compute_score_batch(
             f"verl passed {n} solution_strs, {len(truths)} ground_truths and {len(infos)} extra_infos; they must "
             "have one entry per response."
         )
-    prompts = [_prompt_of(info, config["prompt_key"], sources[i], i) for i, info in enumerate(infos)]
+    prompts = [_prompt_of(info, config.prompt_key, sources[i], i) for i, info in enumerate(infos)]
     truths = [_check_truth(truth, f"Row {i}") for i, truth in enumerate(truths)]
     rule = policy(config)
-    outcome = get_reward(config=config, on_error=rule.on_error).evaluate(prompts, solutions, truths)
+    outcome = get_reward(config, on_error=rule.on_error).evaluate(prompts, solutions, truths)
     if rule.on_error == "raise":
         return [float(r) for r in outcome.rewards]
     return [

@@ -35,8 +35,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from .. import __version__
-from ..integrations.openrlhf import answer as openrlhf_answer
 from .errors import RequestError, body_error
+from .get_reward import answer as openrlhf_answer
 from .limits import Limits, error_response
 from .metrics import CONTENT_TYPE
 from .protocol import (

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..batching import BatcherClosed, WindowBatcher
-from ..integrations.openrlhf import Extracted, OpenRLHFInputError, read_samples
 from ..scorer import Encoded, EncodeError
 from ..template import PolarTemplate
 from .errors import RequestError
+from .get_reward import Extracted, OpenRLHFInputError, read_samples
 from .metrics import Metrics
 from .protocol import GetRewardRequest, ScoreOptions, ScoreRequest
 from .settings import ServeSettings

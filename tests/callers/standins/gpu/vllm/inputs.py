@@ -1,0 +1,5 @@
+"""``vllm.inputs``."""
+
+
+class TokensPrompt(dict):
+    pass

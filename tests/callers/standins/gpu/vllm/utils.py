@@ -1,0 +1,7 @@
+"""``vllm.utils``."""
+
+import uuid
+
+
+def random_uuid() -> str:
+    return uuid.uuid4().hex

@@ -1,0 +1,5 @@
+"""``ray.actor.ActorHandle``, for type annotations."""
+
+
+class ActorHandle:
+    pass

@@ -1,0 +1,5 @@
+"""``ray.experimental.state.api``."""
+
+
+def get_actor(*_, **__):
+    return None
