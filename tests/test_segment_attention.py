@@ -244,6 +244,23 @@ def test_compiled_flex_on_cpu_is_exact_and_compiles_once_for_every_length(tiny_l
     assert counters["stats"]["unique_graphs"] - before == 1
 
 
+def test_past_the_recompile_limit_flex_fails_instead_of_running_eagerly(monkeypatch):
+    """Dynamo would run flex uncompiled (the full T x T scores) once a function has too many compiled variants: that
+    is an error here, naming the kernel and the limit."""
+    from trl_polar import segment_flex
+
+    torch._dynamo.reset()
+    segment_flex._compiled_flex.cache_clear()
+    monkeypatch.setattr(segment_flex, "FLEX_RECOMPILE_LIMIT", 1)
+    layout = SegmentLayout([Segment(0, 300)], torch.device("cpu"), kernel="flex")
+    q = torch.randn(1, 2, 300, 16)
+    with torch.inference_mode():
+        segment_flex.flex_attention_row(layout, q, q, q, None)  # the one variant allowed
+        with pytest.raises(segment_attention.KernelError, match="more than 1 compiled variants.*eagerly"):
+            segment_flex.flex_attention_row(layout, *(q.double() for _ in range(3)), None)
+    torch._dynamo.reset()
+
+
 def test_a_failing_flex_kernel_is_an_error_naming_it_and_the_way_out(tiny_qwen2_rm_dir):
     """No fallback: flex with gradients on CPU (torch has no CPU flex backward) fails in the backward's compile,
     which runs inside the forward's error handling, with the kernel, the part and how to choose another named."""

@@ -34,7 +34,21 @@ import torch.nn.functional as F
 
 from .segment_flex import FLEX_BLOCK, KernelError, flex_attention_row, flex_available, flex_block_mask
 
-__all__ = ["FLEX_BLOCK", "KERNELS", "KernelError", "Segment", "SegmentLayout", "choose_kernel", "flex_available"]
+__all__ = [
+    "ATTENTION_NAME",
+    "FLEX_BLOCK",
+    "KERNELS",
+    "KERNEL_ENV",
+    "KernelError",
+    "Segment",
+    "SegmentLayout",
+    "choose_kernel",
+    "flex_available",
+    "has_sliding_window",
+    "segment_attention_forward",
+    "segment_forward",
+    "use_segment_attention",
+]
 
 logger = logging.getLogger(__name__)
 

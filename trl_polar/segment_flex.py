@@ -25,6 +25,9 @@ import torch.nn.functional as F
 FLEX_BLOCK = 128
 # A one-tile row would specialise the compiled kernel on its size (0/1 specialisation) and compile a second graph.
 MIN_FLEX_BLOCKS = 2
+# Compiled variants of the flex call a process may need: one per device, dtype, grad mode and head shape (never one per
+# row length). Dynamo's default limit (8) is shared by every variant; past this one the call fails (see below).
+FLEX_RECOMPILE_LIMIT = 32
 # The uncompiled kernel builds the full score matrix: a reference for tests on tiny rows, refused above this length.
 EAGER_FLEX_MAX_LENGTH = 2048
 
@@ -118,12 +121,16 @@ def _compiled_flex():
 
 
 def _compile_settings() -> contextlib.AbstractContextManager:
-    """Recompile limit as an error, no duck sizing (a row of as many tiles as there are heads must not tie the two
-    sizes into one symbol and specialise the graph). Settings an older torch lacks are left as they are."""
+    """`FLEX_RECOMPILE_LIMIT` as an error, no duck sizing (a row of as many tiles as there are heads must not tie the
+    two sizes into one symbol and specialise the graph). Settings an older torch lacks are left as they are."""
     import torch._dynamo.config as dynamo_config
     import torch.fx.experimental._config as fx_config
 
     stack = contextlib.ExitStack()
+    for name in ("recompile_limit", "cache_size_limit"):  # the name since torch 2.7, and before
+        if hasattr(dynamo_config, name):
+            stack.enter_context(dynamo_config.patch(**{name: FLEX_RECOMPILE_LIMIT}))
+            break
     if hasattr(dynamo_config, "fail_on_recompile_limit_hit"):
         stack.enter_context(dynamo_config.patch(fail_on_recompile_limit_hit=True))
     if hasattr(fx_config, "use_duck_shape"):
@@ -192,6 +199,8 @@ def flex_attention_row(layout, query, key, value, scaling, compiled: bool = True
     except torch.OutOfMemoryError:
         raise
     except Exception as err:  # compilation can fail in many ways (toolchain, head size, torch version)
+        if "RecompileLimit" in type(err).__name__:
+            err = RuntimeError(f"more than {FLEX_RECOMPILE_LIMIT} compiled variants; Dynamo would run flex eagerly")
         raise KernelError(
             f"The {name} kernel of segment attention failed in the {part} ({query.device.type}, {query.dtype}, "
             f"{query.shape[1]} heads of {query.shape[-1]}): {type(err).__name__}: {err}. Choose another kernel: "
