@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,27 @@ def test_a_benchmark_cut_short_reports_what_finished(tmp_path):
     assert summary["targets"]["train_mfu_35"] is True and summary["targets"]["train_2x_trl"] is None
     assert summary["tests"]["status"] == "failed" and summary["targets"]["tests_pass"] is False
     assert summary["gpu"] == "NVIDIA H200"
+
+
+def test_the_cuda_tests_and_the_benchmarks_import_without_trl_and_datasets(tmp_path):
+    """A GPU image may lack trl and datasets: the device tests still collect (their training tests skip) and the
+    benchmarks import. Both packages are shadowed here by modules that are not found."""
+    for name in ("trl", "datasets"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(
+            f"raise ModuleNotFoundError('No module named {name}', name='{name}')"
+        )
+    repo = BENCHMARKS.parent
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{repo}"}
+    collect = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
+    done = subprocess.run(
+        [*collect, str(repo / "tests" / "test_device_paths.py")], env=env, capture_output=True, text=True, timeout=300
+    )
+    last = done.stdout.strip().splitlines()[-1]
+    assert done.returncode == 0 and re.fullmatch(r"\d+ tests collected in .*", last), done.stdout  # no errors
+    assert "test_cuda_flex_scores_and_gradients_equal_full_sequences" in done.stdout
+    script = "import bench_train, bench_score, trl_polar.scorer\nimport sys\nassert 'trl' not in sys.modules"
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=BENCHMARKS, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
