@@ -41,7 +41,7 @@ def last_json(path: Path) -> dict | None:
     return None
 
 
-def test_counts(logs: Path) -> dict:
+def count_tests(logs: Path) -> dict:
     counts = {"passed": 0, "failed": 0, "skipped": 0}
     try:
         suite = ET.parse(logs / "tests.xml").getroot()
@@ -66,7 +66,7 @@ def summarize(logs: Path, total: float, dry_run: bool, parts: list[str]) -> dict
     for entry in parts:
         name, rc, limit, seconds = entry.split()
         status[name] = {"status": part_status(rc), "seconds": round(float(seconds), 1), "limit_s": int(limit)}
-    tests = {**status.get("tests", {"status": "not run"}), **test_counts(logs)}
+    tests = {**status.get("tests", {"status": "not run"}), **count_tests(logs)}
     score, train = last_json(logs / "score.log"), last_json(logs / "train.log")
     install = (logs / "install.log").read_text(errors="replace").strip().splitlines() if "install" in status else []
     gpu = (score or {}).get("gpu") or (train or {}).get("gpu")
