@@ -8,7 +8,14 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install callers test lint quickstart docs dist clean
+# `make wheelhouse PY=3.12`: on a connected machine, the wheels an air-gapped GPU machine running that Python needs
+# for `benchmarks/gpu_check.sh --wheelhouse wheelhouse` (trl_polar's own, its dependencies and pytest; never torch,
+# triton or the CUDA libraries, which the GPU image keeps). PLATFORM is the target's wheel platform.
+PY ?= 3.12
+PLATFORM ?= manylinux_2_28_x86_64
+WHEELHOUSE ?= wheelhouse
+
+.PHONY: install callers test lint quickstart docs dist clean wheelhouse
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,5 +47,11 @@ docs: install
 dist: install
 	rm -rf dist && $(BIN)/python -m build && $(BIN)/twine check --strict dist/*
 
+wheelhouse: install
+	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w $(WHEELHOUSE) .
+	$(BIN)/python benchmarks/wheelhouse.py --dest $(WHEELHOUSE) --python-version $(PY) --platform $(PLATFORM) \
+		$(WHEELHOUSE)/trl_polar-*.whl
+
 clean:
-	rm -rf $(VENV) .callers build dist *.egg-info .pytest_cache .ruff_cache site
+	rm -rf $(VENV) .callers build dist *.egg-info .pytest_cache .ruff_cache site wheelhouse

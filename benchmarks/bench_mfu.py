@@ -1,5 +1,6 @@
 """Model FLOPs utilisation for the scoring and training benchmarks: the model FLOPs the unique tokens need, per
-second, over the device's dense bf16 peak.
+second, over the device's dense bf16 peak: the data-sheet peak of the exact device, and the bf16 matmul rate measured
+on the device itself (what the tensor cores deliver here, at this clock and power limit).
 
 The FLOPs count what an exact forward must do and nothing else: every projection and MLP once per unique token (a
 shared prefix counts once, padding not at all) and, per layer, the attention of each token to the keys it sees (its
@@ -7,39 +8,77 @@ context and itself, the causal triangle counted exactly). Training counts 3x the
 that pads, or repeats a prefix, does more work than this for the same result, so its MFU is lower: the figure
 compares methods on the same useful work.
 
-    >>> peak_bf16_flops("NVIDIA H100 80GB HBM3") / 1e12, peak_bf16_flops("NVIDIA A100-SXM4-80GB") / 1e12
-    (989.0, 312.0)
-    >>> peak_bf16_flops("cpu") is None
-    True
+    >>> peak_bf16_flops("NVIDIA H100 80GB HBM3") / 1e12, peak_bf16_flops("NVIDIA H200 NVL") / 1e12
+    (989.0, 835.0)
+    >>> peak_bf16_flops("NVIDIA H100") is None, peak_bf16_flops("cpu") is None
+    (True, True)
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' data sheets, matched in order against
-# torch.cuda.get_device_name(): more specific names first.
-PEAK_BF16_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM
-    ("H200", 989.0),
-    ("H800", 989.0),
-    ("H20", 148.0),
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("A800", 312.0),
-    ("L40S", 362.0),
-    ("L4", 121.0),
-)
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' data sheets, by the exact name
+# torch.cuda.get_device_name() reports. A name not here (another variant, a renamed part) gets no data-sheet MFU
+# rather than a neighbour's peak: an H200 NVL (835, 600 W) is not an H200 SXM (989, 700 W).
+PEAK_BF16_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": 989.0,  # SXM5
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA H100 NVL": 835.0,
+    "NVIDIA H200": 989.0,  # SXM
+    "NVIDIA H200 NVL": 835.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA L40S": 362.0,
+    "NVIDIA L4": 121.0,
+    "NVIDIA B200": 2250.0,
+}
 
 
 def peak_bf16_flops(device_name: str) -> float | None:
-    """The dense bf16 peak of a GPU by name, in FLOP/s; None for a device not in the table (MFU is then null)."""
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key.lower() in device_name.lower():
-            return tflops * 1e12
-    return None
+    """The data-sheet dense bf16 peak of a GPU by its exact name, in FLOP/s; None for a name not in the table."""
+    tflops = PEAK_BF16_TFLOPS.get(device_name.strip())
+    return None if tflops is None else tflops * 1e12
+
+
+def measured_bf16_flops(device, size: int = 8192, repeats: int = 20) -> float | None:
+    """The best bf16 matmul rate of ``size`` x ``size`` squares on a CUDA ``device``, in FLOP/s (about 2 s on an
+    H100); None elsewhere."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):  # clocks up, cuBLAS picks its kernel
+        a @ b
+    torch.cuda.synchronize(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - start) / 5)
+    return 2 * size**3 / best
+
+
+def mfu_both(flops: float, seconds: float, peaks: dict) -> dict:
+    """MFU against the data-sheet peak and the measured matmul peak.
+
+    >>> mfu_both(5e14, 1.0, {"datasheet": 1e15, "measured_matmul": None})
+    {'datasheet': 0.5, 'measured_matmul': None}
+    """
+    return {name: mfu(flops, seconds, peak) for name, peak in peaks.items()}
+
+
+def device_peaks(device) -> dict:
+    """Both peaks of ``device`` in FLOP/s (None where unknown or not a GPU)."""
+    return {"datasheet": peak_bf16_flops(device_name(device)), "measured_matmul": measured_bf16_flops(device)}
 
 
 def attention_pairs(segments: Iterable[tuple[int, int, int, int]]) -> int:

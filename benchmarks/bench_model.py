@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -23,10 +24,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def use_kernel(args: argparse.Namespace) -> None:
-    """Make ``--kernel`` the segment attention kernel of this process."""
-    from trl_polar import segment_attention
-
-    segment_attention.DEFAULT_KERNEL = args.kernel
+    """Make ``--kernel`` the segment attention kernel of every layout this process builds without one."""
+    os.environ["TRL_POLAR_ATTENTION_KERNEL"] = args.kernel
 
 
 def shapes(args: argparse.Namespace, config) -> dict:

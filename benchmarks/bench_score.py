@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from bench_mfu import attention_pairs, device_name, mfu, model_flops, peak_bf16_flops  # noqa: E402
+from bench_mfu import attention_pairs, device_name, device_peaks, mfu, model_flops  # noqa: E402
 from bench_model import add_model_args, build_model, shapes, use_kernel  # noqa: E402
 
 
@@ -291,7 +291,8 @@ def main(argv=None):
         unique_tokens, unique_pairs = unique_work(ids, list(zip(prompts, references, strict=True)))
         config = scorer.model.config
         useful_flops = model_flops(config, unique_tokens, unique_pairs)
-        gpu, peak = device_name(scorer.device), peak_bf16_flops(device_name(scorer.device))
+        gpu, peaks = device_name(scorer.device), device_peaks(scorer.device)
+        peak, measured = peaks["datasheet"], peaks["measured_matmul"]
         print(
             f"model: {args.arch} {params / 1e6:.1f}M params, device {scorer.device}, {args.dtype}; "
             f"{args.prompts} prompts x G={args.G}: {n} completions, {total_tokens} tokens "
@@ -337,15 +338,13 @@ def main(argv=None):
             print(f"{name:<38} {end} {fwd}")
         print(f"PolarScorer tokenization alone: {t_encode:.3f} s ({scorer.encode_workers} threads)")
         print(f"max |naive - PolarScorer| = {max_diff:.2e}", flush=True)
-        utilisation = {
-            "polar": mfu(useful_flops, t_polar, peak),
-            "polar_forward": mfu(useful_flops, f_polar, peak),
-            "naive_forward": mfu(useful_flops, f_naive, peak),
-            "limit_forward": mfu(useful_flops, f_limit, peak),
-        }
+        timings = {"polar": t_polar, "polar_forward": f_polar, "naive_forward": f_naive, "limit_forward": f_limit}
+        utilisation = {name: mfu(useful_flops, t, peak) for name, t in timings.items()}
+        measured_utilisation = {name: mfu(useful_flops, t, measured) for name, t in timings.items()}
         print(
             f"{gpu}: {useful_flops / 1e12:.2f} TFLOP of unique-token model work; MFU {utilisation} "
-            f"(peak {peak / 1e12 if peak else None} TFLOP/s bf16); first call {first_call:.2f} s "
+            f"(peak {peak / 1e12 if peak else None} TFLOP/s bf16 data sheet, "
+            f"{measured / 1e12 if measured else None} measured); first call {first_call:.2f} s "
             f"(best {f_polar:.2f} s)",
             flush=True,
         )
@@ -372,7 +371,9 @@ def main(argv=None):
             "gpu": gpu,
             "dtype": args.dtype,
             "mfu": utilisation,
+            "mfu_measured_peak": measured_utilisation,
             "peak_tflops": peak / 1e12 if peak else None,
+            "measured_peak_tflops": round(measured / 1e12, 1) if measured else None,
             "unique_tflop": float(f"{useful_flops / 1e12:.6g}"),
             "first_call_seconds": round(first_call, 3),
             "compile_seconds": round(max(0.0, first_call - f_polar), 3),

@@ -104,10 +104,12 @@ def test_scorer_on_official_checkpoint_matches_upstream_scores(shared_fixtures, 
     scorer = PolarScorer(model, template, device="cpu")
     # Items 0, 1, 2 and 5 start with the same 8 ids: one group sharing that prefix; the others run whole.
     keys = ["shared" if i in (0, 1, 2, 5) else i for i in range(len(inputs))]
-    got = scorer.score_ids(inputs, keys)
+    with scorer.observe() as runs:
+        got = scorer.score_ids(inputs, keys)
     assert got == pytest.approx([case["score"] for case in reference["inputs"]], abs=1e-4)
-    prefixes = dict(zip(scorer.last_plan[0].indices, scorer.last_plan[0].prefixes, strict=True))
-    assert [prefixes[i] for i in (0, 1, 2, 5)] == [8] * 4 and len(scorer.last_plan) == 1
+    plan = runs[-1].plan
+    prefixes = dict(zip(plan[0].indices, plan[0].prefixes, strict=True))
+    assert [prefixes[i] for i in (0, 1, 2, 5)] == [8] * 4 and len(plan) == 1
 
 
 def test_a_tokenizer_of_another_model_is_refused(tmp_path, shared_fixtures, tiny_tokenizer_dir):

@@ -58,14 +58,17 @@ def test_scores_equal_plain_forward(arch, attn, request):
     # chunks that each carry its prefix.
     for budget in (4096, 60):
         scorer = PolarScorer(model, template, max_tokens_per_batch=budget, device="cpu")
-        got = scorer.score(PROMPTS, REFERENCES, CANDIDATES)
+        with scorer.observe() as runs:
+            got = scorer.score(PROMPTS, REFERENCES, CANDIDATES)
         assert got == pytest.approx(expected, abs=1e-5), budget
-        assert {mb.kind for mb in scorer.last_plan} == {"row"}
+        plan = runs[-1].plan
+        assert {mb.kind for mb in plan} == {"row"}
+        assert runs[-1].kernels == {"split": len(plan) * model.config.num_hidden_layers}  # CPU inference's kernel
         # The two groups with >= 2 candidates share a prefix; the lone item and the odd reference run whole.
-        prefixes = {i: p for mb in scorer.last_plan for i, p in zip(mb.indices, mb.prefixes, strict=True)}
+        prefixes = {i: p for mb in plan for i, p in zip(mb.indices, mb.prefixes, strict=True)}
         assert sorted(i for i, p in prefixes.items() if p > 0) == list(range(8))
-    assert len(scorer.last_plan) >= 3
-    rows_of_first_group = [mb for mb in scorer.last_plan if set(mb.indices) & {0, 1, 2, 3, 4}]
+    assert len(plan) >= 3
+    rows_of_first_group = [mb for mb in plan if set(mb.indices) & {0, 1, 2, 3, 4}]
     assert len(rows_of_first_group) >= 2, "the first group must span several rows"
 
 
@@ -73,13 +76,15 @@ def test_shared_prefix_off_and_small_budget_give_same_scores(tiny_qwen2_rm_dir):
     model, template = _load(tiny_qwen2_rm_dir)
     fast = PolarScorer(model, template, max_tokens_per_batch=4096, device="cpu").score(PROMPTS, REFERENCES, CANDIDATES)
     unshared_scorer = PolarScorer(model, template, max_tokens_per_batch=4096, device="cpu", shared_prefix=False)
-    unshared = unshared_scorer.score(PROMPTS, REFERENCES, CANDIDATES)
+    with unshared_scorer.observe() as unshared_runs:
+        unshared = unshared_scorer.score(PROMPTS, REFERENCES, CANDIDATES)
     # Without sharing, the items still go unpadded into one row, each whole.
-    assert [(mb.kind, set(mb.prefixes)) for mb in unshared_scorer.last_plan] == [("row", {0})]
+    assert [(mb.kind, set(mb.prefixes)) for mb in unshared_runs[-1].plan] == [("row", {0})]
     # A budget below one sequence: every item runs alone (with its group's prefix as a segment of its own).
     tiny_budget = PolarScorer(model, template, max_tokens_per_batch=8, device="cpu")
-    single = tiny_budget.score(PROMPTS, REFERENCES, CANDIDATES)
-    assert all(len(mb.indices) == 1 for mb in tiny_budget.last_plan)
+    with tiny_budget.observe() as single_runs:
+        single = tiny_budget.score(PROMPTS, REFERENCES, CANDIDATES)
+    assert all(len(mb.indices) == 1 for mb in single_runs[-1].plan)
     expected = _plain_scores(model, template, PROMPTS, REFERENCES, CANDIDATES)
     for got in (fast, unshared, single):
         assert got == pytest.approx(expected, abs=1e-5)
@@ -97,9 +102,10 @@ def test_sliding_window_model_is_scored_plainly(tiny_tokenizer_dir):
     assert "sliding_attention" in model.config.layer_types
     template = PolarTemplate(tokenizer)
     scorer = PolarScorer(model.eval(), template, device="cpu")
-    got = scorer.score(PROMPTS, REFERENCES, CANDIDATES)
+    with scorer.observe() as runs:
+        got = scorer.score(PROMPTS, REFERENCES, CANDIDATES)
     assert not scorer.uses_segment_attention
-    assert {mb.kind for mb in scorer.last_plan} == {"plain"}
+    assert {mb.kind for mb in runs[-1].plan} == {"plain"} and runs[-1].kernels == {}
     assert got == pytest.approx(_plain_scores(model, template, PROMPTS, REFERENCES, CANDIDATES), abs=1e-5)
 
 
@@ -108,7 +114,7 @@ def test_budget_bounds_every_forward(tiny_qwen2_rm_dir):
     model, template = _load(tiny_qwen2_rm_dir)
     budget = 300
     scorer = PolarScorer(model, template, max_tokens_per_batch=budget, device="cpu")
-    assert scorer.uses_segment_attention  # settles the one-off check before counting
+    assert scorer.uses_segment_attention
     seen = []
 
     def record(module, args, kwargs):
@@ -119,14 +125,15 @@ def test_budget_bounds_every_forward(tiny_qwen2_rm_dir):
     references = ["The answer is 4."] * 16 + [f"reference {i}" for i in range(16)]
     candidates = [("word " * (i % 7 + 1)).strip() for i in range(32)]
     try:
-        got = scorer.score(prompts, references, candidates)
+        with scorer.observe() as runs:
+            got = scorer.score(prompts, references, candidates)
     finally:
         handle.remove()
     assert len(seen) >= 3
     assert all(rows == 1 and tokens <= budget for rows, tokens in seen), seen
     # The plan agrees with what ran, and scored every item exactly once.
-    assert [tokens for _, tokens in seen] == [mb.length for mb in scorer.last_plan]
-    assert sorted(i for mb in scorer.last_plan for i in mb.indices) == list(range(32))
+    assert [tokens for _, tokens in seen] == [mb.length for mb in runs[-1].plan]
+    assert sorted(i for mb in runs[-1].plan for i in mb.indices) == list(range(32))
     assert got == pytest.approx(_plain_scores(model, template, prompts, references, candidates), abs=1e-5)
 
 
@@ -138,7 +145,7 @@ def test_truncated_items_still_exact(tiny_tokenizer_dir, tiny_qwen2_rm_dir):
     candidates = ["short", "1 2 3 4 5 6 7 8 9 10 11 12 100 1000 " * 4, "medium length candidate answer here"]
     scorer = PolarScorer(model, template, device="cpu", min_prefix_tokens=1)
     got = scorer.score(prompts, references, candidates)
-    assert scorer.last_stats["truncated"] >= 1
+    assert scorer.encode_items(prompts, references, candidates).truncated >= 1
     assert got == pytest.approx(_plain_scores(model, template, prompts, references, candidates), abs=1e-5)
 
 
@@ -225,9 +232,10 @@ def test_peft_wrapped_model(tiny_qwen2_rm_dir):
     peft_model = get_peft_model(model, config).eval()
     expected = _plain_scores(peft_model, template, PROMPTS[:8], REFERENCES[:8], CANDIDATES[:8])
     scorer = PolarScorer(peft_model, template, device="cpu")
-    got = scorer.score(PROMPTS[:8], REFERENCES[:8], CANDIDATES[:8])
+    with scorer.observe() as runs:
+        got = scorer.score(PROMPTS[:8], REFERENCES[:8], CANDIDATES[:8])
     assert got == pytest.approx(expected, abs=1e-5)
-    assert any(p > 0 for mb in scorer.last_plan for p in mb.prefixes)
+    assert any(p > 0 for mb in runs[-1].plan for p in mb.prefixes)
     with peft_model.disable_adapter():
         without = _plain_scores(peft_model, template, PROMPTS[:8], REFERENCES[:8], CANDIDATES[:8])
     assert max(abs(a - b) for a, b in zip(without, got, strict=True)) > 1e-4, "the adapters must take part"
@@ -239,16 +247,18 @@ def test_a_bad_input_does_not_switch_segment_attention_off(tiny_qwen2_rm_dir):
     scorer = PolarScorer(tiny_qwen2_rm_dir, device="cpu")
     good = scorer.encode(["What is 2 + 2?"] * 3, ["4"] * 3, ["4", "five", "It is 4."])
     expected = PolarScorer(tiny_qwen2_rm_dir, device="cpu", shared_prefix=False).score_ids(good, ["g"] * 3)
-    assert scorer.score_ids(good, ["g"] * 3) == pytest.approx(expected, abs=1e-5)
-    assert [(mb.kind, min(mb.prefixes) > 0) for mb in scorer.last_plan] == [("row", True)]
+    with scorer.observe() as runs:
+        assert scorer.score_ids(good, ["g"] * 3) == pytest.approx(expected, abs=1e-5)
+    assert [(mb.kind, min(mb.prefixes) > 0) for mb in runs[-1].plan] == [("row", True)]
     with pytest.raises(TypeError):
         scorer.score_ids(good, [["unhashable"]] * 3)  # fails while planning, before any forward
     with pytest.raises(ValueError, match=r"Sequence\(s\) \[1\] are empty"):
         scorer.score_ids([good[0], []], ["g", "g"])
     # The fast path survives bad calls (a long-running server must not lose it to one bad request).
     assert scorer.uses_segment_attention
-    assert scorer.score_ids(good, ["g"] * 3) == pytest.approx(expected, abs=1e-5)
-    assert [(mb.kind, min(mb.prefixes) > 0) for mb in scorer.last_plan] == [("row", True)]
+    with scorer.observe() as runs:
+        assert scorer.score_ids(good, ["g"] * 3) == pytest.approx(expected, abs=1e-5)
+    assert [(mb.kind, min(mb.prefixes) > 0) for mb in runs[-1].plan] == [("row", True)]
 
 
 class InterruptAfter:

@@ -37,9 +37,8 @@ def _random_ids(generator, vocab, *lengths):
 
 
 @pytest.fixture
-def eager_flex(monkeypatch):
-    """FlexAttention without torch.compile: its dense reference, fast for the tiny rows here (compiled: slow tests)."""
-    monkeypatch.setattr(segment_attention, "FLEX_COMPILE", False)
+def eager_flex():
+    """kernel="flex_eager" (FlexAttention without torch.compile) computes a dense reference: fast for tiny rows."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         yield
@@ -47,7 +46,7 @@ def eager_flex(monkeypatch):
 
 @pytest.mark.parametrize(
     ("kernel", "waste"),
-    [("buckets", 1.0), ("buckets", 1.3), ("buckets", 1000.0), ("split", 1.3), ("split", 1000.0), ("flex", 1.3)],
+    [("buckets", 1.0), ("buckets", 1.3), ("buckets", 1000.0), ("split", 1.3), ("split", 1000.0), ("flex_eager", 1.3)],
 )  # waste: a bucket per segment, the default, everything in two
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
@@ -56,9 +55,6 @@ def test_hidden_states_equal_full_sequences(arch, attn, kernel, waste, request, 
 
     monkeypatch.setattr(segment_attention, "MAX_PADDING_WASTE", waste)
     # Inference on CPU takes the log-sum-exp split; the buckets are what CPU training takes, flex what CUDA takes.
-    calls = []
-    choose = segment_attention._choose_kernel
-    monkeypatch.setattr(segment_attention, "_choose_kernel", lambda *a: calls.append(choose(*a)) or calls[-1])
     path = request.getfixturevalue(f"tiny_{arch}_rm_dir")
     model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation=attn).eval()
     backbone = model.model
@@ -83,18 +79,27 @@ def test_hidden_states_equal_full_sequences(arch, attn, kernel, waste, request, 
         alone_prefix = backbone(input_ids=torch.tensor([prefixes[0]])).last_hidden_state[0]
     torch.testing.assert_close(hidden[: len(prefixes[0])], alone_prefix, atol=1e-5, rtol=1e-5)
     assert model.config._attn_implementation == attn, "the model's own attention is restored after the forward"
-    assert calls == [kernel] * model.config.num_hidden_layers
+    assert layout.kernel_calls == {kernel: model.config.num_hidden_layers}
 
 
-def test_cpu_chooses_split_for_inference_and_buckets_for_training():
+def test_the_kernel_rule_and_the_users_choice(monkeypatch):
+    """ "auto" picks by rule (CPU: the split for inference, the buckets for training or dropout); a named kernel, or
+    TRL_POLAR_ATTENTION_KERNEL for layouts built without one, is what runs; a bad name is refused with the choices."""
     layout = SegmentLayout([Segment(0, 3), Segment(3, 2, 0, 3)], torch.device("cpu"))
     q = torch.zeros(1, 2, 5, 4)
-    assert segment_attention._choose_kernel(layout, q, q, q, 0.0) == "split"
     grad = q.clone().requires_grad_(True)
-    assert segment_attention._choose_kernel(layout, grad, grad, grad, 0.0) == "buckets"
+    assert segment_attention.choose_kernel(layout, q, q, q) == ("split", "auto: CPU inference")
+    assert segment_attention.choose_kernel(layout, grad, grad, grad) == ("buckets", "auto: cpu training")
+    assert segment_attention.choose_kernel(layout, q, q, q, dropout=0.1) == ("buckets", "auto: attention dropout")
     assert not segment_attention.flex_available(torch.device("cpu"))
     forced = SegmentLayout([Segment(0, 3), Segment(3, 2, 0, 3)], torch.device("cpu"), kernel="flex")
-    assert segment_attention._choose_kernel(forced, grad, grad, grad, 0.0) == "flex"
+    assert segment_attention.choose_kernel(forced, grad, grad, grad) == ("flex", "chosen")
+    monkeypatch.setenv("TRL_POLAR_ATTENTION_KERNEL", "buckets")
+    assert SegmentLayout([Segment(0, 3)], torch.device("cpu")).kernel == "buckets"
+    assert SegmentLayout([Segment(0, 3)], torch.device("cpu"), kernel="split").kernel == "split"
+    monkeypatch.setenv("TRL_POLAR_ATTENTION_KERNEL", "dense")
+    with pytest.raises(ValueError, match="TRL_POLAR_ATTENTION_KERNEL='dense'.*one of"):
+        SegmentLayout([Segment(0, 3)], torch.device("cpu"))
     with pytest.raises(ValueError, match="kernel"):
         SegmentLayout([Segment(0, 3)], torch.device("cpu"), kernel="dense")
 
@@ -151,7 +156,8 @@ def test_flex_block_mask_is_the_exact_visibility(segments):
     each token's context and causal self; whole tiles are really whole, and tiles nobody sees are skipped."""
     layout = SegmentLayout(segments, torch.device("cpu"), kernel="flex")
     padded = layout.flex.seq_lengths[0]
-    assert padded % segment_attention.FLEX_BLOCK == 0 and padded - layout.length < segment_attention.FLEX_BLOCK
+    block = segment_attention.FLEX_BLOCK
+    assert padded == max(2 * block, -(-layout.length // block) * block)  # whole tiles, at least two
     partial_tiles, full_tiles = _assert_flex_exact(layout)
     if segments[0].length == 300:
         assert full_tiles.any() and not (partial_tiles | full_tiles).all()
@@ -209,26 +215,73 @@ def test_attention_without_layout_says_how_to_call_it():
         segment_attention.segment_attention_forward(torch.nn.Module(), q, q, q, None)
 
 
-@pytest.mark.slow
-def test_compiled_flex_on_cpu_is_exact_and_compiles_at_most_twice(tiny_llama_rm_dir):
-    """The fused kernel (torch.compile'd flex, C++ on CPU; forward only, torch has no CPU flex backward): rows of
-    several lengths give the full sequences' values, from at most two compiles (static, then dynamic shapes)."""
+def test_compiled_flex_on_cpu_is_exact_and_compiles_once_for_every_length(tiny_llama_rm_dir):
+    """The fused kernel (torch.compile'd flex, C++ on CPU; forward only): rows of several lengths, exact multiples of
+    the tile among them (no pad, so the inputs would reach the kernel as transposed views), give the full sequences'
+    values from one compiled graph. Dynamo starts empty, so the count does not depend on what ran before."""
     from torch._dynamo.utils import counters
     from transformers import AutoModelForSequenceClassification
 
+    from trl_polar import segment_flex
+
+    torch._dynamo.reset()
+    segment_flex._compiled_flex.cache_clear()
     model = AutoModelForSequenceClassification.from_pretrained(tiny_llama_rm_dir, attn_implementation="sdpa").eval()
     backbone = model.model
     g = torch.Generator().manual_seed(3)
     vocab = model.config.vocab_size
-    before = counters["stats"]["unique_graphs"]
-    for prefix, branches in ((20, (3, 9)), (150, (40, 90, 1)), (300, (5,))):
+    before, lengths = counters["stats"]["unique_graphs"], []
+    for prefix, branches in ((200, (40, 16)), (20, (3, 9)), (300, (84,)), (150, (40, 90, 1))):
         row, segments, last, full = _row([_random_ids(g, vocab, prefix)[0]], [_random_ids(g, vocab, *branches)], [])
+        lengths.append(len(row))
         layout = SegmentLayout(segments, torch.device("cpu"), kernel="flex")
         with torch.inference_mode():
             hidden = segment_forward(backbone, torch.tensor(row), layout)
             expected = [backbone(input_ids=torch.tensor([seq])).last_hidden_state[0, -1] for seq in full]
         torch.testing.assert_close(hidden[last], torch.stack(expected), atol=1e-5, rtol=1e-5)
-    assert 1 <= counters["stats"]["unique_graphs"] - before <= 2
+        assert layout.kernel_calls == {"flex": model.config.num_hidden_layers}
+    assert {256, 384} <= set(lengths), "rows of exactly two and three tiles, which need no pad"
+    assert counters["stats"]["unique_graphs"] - before == 1
+
+
+def test_past_the_recompile_limit_flex_fails_instead_of_running_eagerly(monkeypatch):
+    """Dynamo would run flex uncompiled (the full T x T scores) once a function has too many compiled variants: that
+    is an error here, naming the kernel and the limit."""
+    from trl_polar import segment_flex
+
+    torch._dynamo.reset()
+    segment_flex._compiled_flex.cache_clear()
+    monkeypatch.setattr(segment_flex, "FLEX_RECOMPILE_LIMIT", 1)
+    layout = SegmentLayout([Segment(0, 300)], torch.device("cpu"), kernel="flex")
+    q = torch.randn(1, 2, 300, 16)
+    with torch.inference_mode():
+        segment_flex.flex_attention_row(layout, q, q, q, None)  # the one variant allowed
+        with pytest.raises(segment_attention.KernelError, match="more than 1 compiled variants.*eagerly"):
+            segment_flex.flex_attention_row(layout, *(q.double() for _ in range(3)), None)
+    torch._dynamo.reset()
+
+
+def test_a_failing_flex_kernel_is_an_error_naming_it_and_the_way_out(tiny_qwen2_rm_dir):
+    """No fallback: flex with gradients on CPU (torch has no CPU flex backward) fails in the backward's compile,
+    which runs inside the forward's error handling, with the kernel, the part and how to choose another named."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_qwen2_rm_dir, attn_implementation="sdpa")
+    g = torch.Generator().manual_seed(4)
+    row, segments, _, _ = _row([_random_ids(g, 500, 20)[0]], [_random_ids(g, 500, 4, 9)], [])
+    layout = SegmentLayout(segments, torch.device("cpu"), kernel="flex")
+    with pytest.raises(segment_attention.KernelError, match="flex kernel .* failed in the backward") as err:
+        segment_forward(model.model, torch.tensor(row), layout)
+    assert "TRL_POLAR_ATTENTION_KERNEL=buckets" in str(err.value)
+    assert layout.kernel_calls == {"flex": 1}  # the first layer raised; nothing ran another kernel instead
+
+
+def test_eager_flex_refuses_rows_it_would_blow_up():
+    """Uncompiled flex materialises T x T scores: a reference for tiny rows, an error (not a crawl) past that."""
+    q = torch.zeros(1, 2, 4000, 8)
+    layout = SegmentLayout([Segment(0, 4000)], torch.device("cpu"), kernel="flex_eager")
+    with pytest.raises(segment_attention.KernelError, match="full 4096x4096 score matrix.*kernel='flex'"):
+        segment_attention.segment_attention_forward(torch.nn.Module(), q, q, q, None, segment_layout=layout)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -247,23 +300,3 @@ def test_flex_block_mask_of_packed_rows(seed):
         units += group_units(sequences, members)
     row = lay_out(sequences, units)
     _assert_flex_exact(SegmentLayout(row.segments, torch.device("cpu"), kernel="flex"))
-
-
-def test_a_failing_flex_kernel_falls_back_to_the_buckets(tiny_qwen2_rm_dir, monkeypatch, eager_flex, caplog):
-    """Where "auto" picks flex and it fails (here: torch's flex refuses gradients on CPU), the row still runs, exactly,
-    through the buckets, and that kernel is not tried again for the same inputs; a forced flex kernel raises."""
-    from transformers import AutoModelForSequenceClassification
-
-    monkeypatch.setattr(segment_attention, "flex_available", lambda device: True)
-    monkeypatch.setattr(segment_attention, "_FLEX_FAILED", set())
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_qwen2_rm_dir, attn_implementation="sdpa")
-    g = torch.Generator().manual_seed(4)
-    row, segments, last, full = _row([_random_ids(g, 500, 20)[0]], [_random_ids(g, 500, 4, 9)], [])
-    with caplog.at_level("WARNING", logger="trl_polar.segment_attention"):
-        hidden = segment_forward(model.model, torch.tensor(row), SegmentLayout(segments, torch.device("cpu")))
-    assert "flex kernel failed" in caplog.text and len(segment_attention._FLEX_FAILED) == 1
-    assert caplog.text.count("flex kernel failed") == 1  # the other layers took the buckets without trying
-    expected = [model.model(input_ids=torch.tensor([seq])).last_hidden_state[0, -1] for seq in full]
-    torch.testing.assert_close(hidden[last], torch.stack(expected), atol=1e-5, rtol=1e-5)
-    with pytest.raises(NotImplementedError, match="backward"):
-        segment_forward(model.model, torch.tensor(row), SegmentLayout(segments, torch.device("cpu"), kernel="flex"))

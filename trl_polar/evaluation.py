@@ -19,6 +19,7 @@ as paths ("Helpfulness/Chat/Discussion") are also rolled up at every level of th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -367,10 +368,13 @@ def _score_groups(
     planned = False
     bar = tqdm(total=len(values), desc="POLAR evaluation", unit="item", disable=not show_progress)
     start = time.perf_counter()
+    # A local scorer says what it ran (`PolarScorer.observe`); a remote one does not.
+    observe = getattr(scorer, "observe", contextlib.nullcontext)
     for chunk in chunks:
         prompts, references, candidates = (list(column) for column in zip(*(values[i] for i in chunk), strict=True))
         try:
-            got = scorer.score(prompts, references, candidates, wrapper)
+            with observe() as runs:
+                got = scorer.score(prompts, references, candidates, wrapper)
         except EncodeError as err:
             g, position = origin[chunk[err.index]]
             bar.close()
@@ -382,7 +386,7 @@ def _score_groups(
             raise ValueError(f"The scorer returned {len(got)} scores for {len(chunk)} items.")
         for i, s in zip(chunk, got, strict=True):
             scores[i] = float(s)
-        plan = getattr(scorer, "last_plan", None)
+        plan = runs[-1].plan if runs else None
         if plan:
             # A local scorer says what it ran: every unit's prefix once instead of once per member.
             planned = True

@@ -12,18 +12,22 @@ scores through `PolarScorer.score`. Two ideas make it fast and memory-safe:
   makes this exact; the prefix is the longest common run of the *final* token ids, so a tokenizer that merges
   across the boundary only shortens it.
 
-A model whose layers do not take segment attention (or whose scores through it differ from its plain forward, which
-is checked once) is scored with length-sorted, right-padded plain batches instead.
+The attention is chosen by rule, never by trial: segment attention (its kernel by `choose_kernel`'s rule, or the
+one named by ``kernel`` or ``TRL_POLAR_ATTENTION_KERNEL``) unless the model has no separable backbone or has
+sliding-window layers, which are scored with length-sorted, right-padded plain batches (``kernel="plain"`` asks for
+those). The choice is logged; a kernel that fails raises an error naming it, and nothing switches to another kernel.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -31,7 +35,7 @@ import torch
 from .checks import check_positive_int
 from .hub import default_device, resolve_dtype
 from .packing import Unit, group_units, lay_out, pack_padded, pack_summed
-from .segment_attention import SegmentLayout, has_sliding_window, segment_forward
+from .segment_attention import KERNELS, KernelError, SegmentLayout, has_sliding_window, segment_forward
 from .template import PolarTemplate, Text, flatten
 
 logger = logging.getLogger(__name__)
@@ -68,6 +72,15 @@ class MicroBatch:
     def tokens(self) -> int:
         """Positions the pass runs: the row's tokens, or rows x padded length for a plain batch."""
         return self.length if self.kind == "row" else len(self.indices) * self.length
+
+
+@dataclass(frozen=True)
+class ScoringRun:
+    """What one scoring call ran (`PolarScorer.observe`): its micro-batches in order, and the segment-attention
+    kernel calls by kernel name (one per layer and row; plain batches run the model's own attention)."""
+
+    plan: tuple[MicroBatch, ...]
+    kernels: dict[str, int] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -124,6 +137,9 @@ class PolarScorer:
         show_progress: show a progress bar over micro-batches.
         encode_workers: threads that tokenize in parallel (default: up to 8 CPU cores); 1 tokenizes serially. On a
             GPU, tokenizing the full POLAR sequences is a large part of the scoring time.
+        kernel: "auto" (segment attention where the model takes it, its kernel by rule or
+            ``TRL_POLAR_ATTENTION_KERNEL``; else plain batches), a segment-attention kernel ("flex", "buckets",
+            "split"), or "plain" (right-padded batches through the model's own attention).
 
     Example::
 
@@ -143,8 +159,11 @@ class PolarScorer:
         min_prefix_tokens: int = DEFAULT_MIN_PREFIX_TOKENS,
         show_progress: bool = False,
         encode_workers: int | None = None,
+        kernel: str = "auto",
     ) -> None:
         check_positive_int("max_tokens_per_batch", max_tokens_per_batch)
+        if kernel not in (*KERNELS, "plain"):
+            raise ValueError(f"`kernel` must be one of {[*KERNELS, 'plain']}, got {kernel!r}.")
         device = torch.device(device) if device is not None else default_device()
         model, template = _load(model_or_path, template, resolve_dtype(dtype, device))
         self.model = model.to(device).eval()
@@ -160,9 +179,8 @@ class PolarScorer:
 
         self._head = value_head(self.model)
         self.shared_prefix = shared_prefix
-        # Segment attention implements no sliding window: such models are scored plainly.
-        self._can_segment = not has_sliding_window(getattr(self.model, "config", None))
-        self._segments: bool | None = None  # settled by the first call (`_check_segments`)
+        self.kernel = kernel
+        self._segments = self._takes_segments()
         # Engines call from threads (OpenRLHF, the server); one forward at a time keeps memory within the budget.
         self._lock = threading.RLock()
         if encode_workers is None:
@@ -170,9 +188,8 @@ class PolarScorer:
         self.encode_workers = max(1, int(encode_workers))
         self._pool: ThreadPoolExecutor | None = None
         self._thread_state = threading.local()
-        # What the last call did, for tests, benchmarks and logs.
-        self.last_plan: list[MicroBatch] = []
-        self.last_stats: dict[str, int] = {}
+        self._observers: list[list[ScoringRun]] = []
+        self._kernels_logged = False
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _pad_token_id(self) -> int:
@@ -182,12 +199,48 @@ class PolarScorer:
                 return int(value)
         return 0
 
+    def _takes_segments(self) -> bool:
+        """The rule: segment attention unless asked for plain batches or the model cannot take it (logged)."""
+        name = type(self.model).__name__
+        why_not = None
+        if self._backbone is None:
+            why_not = "it has no separable backbone"
+        elif has_sliding_window(getattr(self.model, "config", None)):
+            why_not = "segment attention implements no sliding window"
+        if self.kernel == "plain":
+            logger.info("%s scores in plain batches (kernel='plain').", name)
+            return False
+        if why_not is None:
+            logger.info("%s scores unpadded rows through segment attention (kernel=%r).", name, self.kernel)
+            return True
+        if self.kernel != "auto":
+            raise ValueError(f"kernel={self.kernel!r} needs segment attention, but {why_not}; use kernel='plain'.")
+        logger.info("%s scores in plain batches: %s.", name, why_not)
+        return False
+
     @property
     def uses_segment_attention(self) -> bool:
-        """Whether rows run unpadded through segment attention (settled by the first scoring call)."""
+        """Whether rows run unpadded through segment attention (decided at construction, by `kernel` and the model)."""
+        return self._segments
+
+    @contextlib.contextmanager
+    def observe(self) -> Iterator[list[ScoringRun]]:
+        """A debug hook: inside the block, every scoring call appends the `ScoringRun` of what it ran to the list.
+
+        Example::
+
+            with scorer.observe() as runs:
+                scorer.score(prompts, references, candidates)
+            runs[-1].plan, runs[-1].kernels  # the micro-batches, and e.g. {"flex": 24} on a GPU
+        """
+        runs: list[ScoringRun] = []
         with self._lock:
-            self._check_segments()
-        return bool(self._segments)
+            self._observers.append(runs)
+        try:
+            yield runs
+        finally:
+            with self._lock:
+                self._observers.remove(runs)
 
     def _local_template(self) -> PolarTemplate:
         # Each encoding thread has its own template: the template's part cache is not safe to share across threads.
@@ -256,7 +309,6 @@ class PolarScorer:
                 used.max_length,
                 used.max_response_length,
             )
-        self.last_stats = {"items": n, "truncated": truncated}
         # Items of one (prompt, reference, wrapper) may share their prefix; the plan checks the ids themselves.
         keys = [
             (flatten(p, "prompt"), flatten(r, "reference"), w)
@@ -304,42 +356,29 @@ class PolarScorer:
         if empty:
             raise ValueError(f"Sequence(s) {empty[:10]} are empty; every input must end with the reward token.")
         with self._lock:
-            self.last_plan = []  # a plan() that raises must not leave the previous call's plan behind
-            try:
-                return self._run(input_ids, group_keys, show_progress)
-            except torch.OutOfMemoryError:
-                raise  # plain batches need more memory, not less: lower max_tokens_per_batch instead
-            except (TypeError, AttributeError, NotImplementedError, ValueError, RuntimeError) as err:
-                if not self._segments or all(mb.kind == "plain" for mb in self.last_plan):
-                    raise
-                # A model whose layers do not take segment attention everywhere fails here. Retry this call plainly;
-                # only if that works were the segments the culprit, and only then are they switched off for good (a
-                # bad input fails the plain path too, and must not cost a long-running server its fast path).
-                self._segments = False
-                try:
-                    scores = self._run(input_ids, group_keys, show_progress)
-                except Exception:
-                    self._segments = True
-                    raise
-                logger.warning("Segment-attention scoring failed (%s: %s); scoring plainly.", type(err).__name__, err)
-                return scores
+            return self._run(input_ids, group_keys, show_progress)
 
     def _run(self, input_ids, group_keys, show_progress) -> list[float]:
         plan = self.plan(input_ids, group_keys)
-        self.last_plan = plan
+        kernels: collections.Counter[str] = collections.Counter()
         scores: list[float] = [0.0] * len(input_ids)
         progress = self.show_progress if show_progress is None else show_progress
         bar = _progress_bar(len(input_ids), progress)
         with torch.inference_mode():
             for mb in plan:
                 if mb.kind == "row":
-                    values = self._forward_row(input_ids, mb)
+                    values = self._forward_row(input_ids, mb, kernels)
                 else:
                     values = self._forward_plain([list(input_ids[i]) for i in mb.indices])
                 for i, v in zip(mb.indices, values, strict=True):
                     scores[i] = v
                 bar.update(len(mb.indices))
         bar.close()
+        if kernels and not self._kernels_logged:
+            self._kernels_logged = True
+            logger.info("%s ran segment attention with kernel calls %s.", type(self.model).__name__, dict(kernels))
+        for runs in self._observers:
+            runs.append(ScoringRun(tuple(plan), dict(kernels)))
         return [float(s) for s in scores]
 
     # ------------------------------------------------------------------------------------------------ planning
@@ -350,8 +389,6 @@ class PolarScorer:
         (a group too large for the budget is split into chunks, each with the prefix), and units are packed into
         rows largest first. Otherwise items are length-sorted into right-padded plain batches.
         """
-        with self._lock:
-            self._check_segments()
         budget = self.max_tokens_per_batch
         if not self._segments:
             order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]), reverse=True)
@@ -378,33 +415,6 @@ class PolarScorer:
         return plan
 
     # ------------------------------------------------------------------------------------------------ forwards
-    def _check_segments(self) -> None:
-        """Once per scorer: does this model take segment attention, and does it give the plain forward's values?"""
-        if self._segments is not None:
-            return
-        self._segments = False
-        if self._backbone is None or not self._can_segment:
-            return
-        template = self.template
-        ids = [template.encode("probe prompt", "probe reference", c) for c in ("a", "a longer candidate")]
-        mb = MicroBatch("row", (0, 1), 0, units=tuple(group_units(ids, [0, 1])))
-        try:
-            with torch.inference_mode():
-                got = torch.tensor(self._forward_row(ids, mb))
-                want = torch.tensor(self._forward_plain(ids))
-        except (TypeError, AttributeError, NotImplementedError, ValueError, RuntimeError) as err:
-            logger.info("%s does not take segment attention (%s); scoring plainly.", type(self.model).__name__, err)
-            return
-        if not torch.allclose(got, want, rtol=0.05, atol=0.05 * max(1.0, want.abs().max().item())):
-            logger.warning(
-                "Segment-attention scores of %s differ from its plain forward (%s vs %s); scoring plainly.",
-                type(self.model).__name__,
-                got.tolist(),
-                want.tolist(),
-            )
-            return
-        self._segments = True
-
     def _padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         longest = max(len(r) for r in rows)
         batch = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
@@ -426,11 +436,21 @@ class PolarScorer:
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
         return self._head(last).float().squeeze(-1).tolist()
 
-    def _forward_row(self, input_ids: Sequence[Sequence[int]], mb: MicroBatch) -> list[float]:
+    def _forward_row(self, input_ids: Sequence[Sequence[int]], mb: MicroBatch, kernels: collections.Counter) -> list:
         row = lay_out(input_ids, mb.units)
-        layout = SegmentLayout(row.segments, self.device)
+        layout = SegmentLayout(row.segments, self.device, kernel=None if self.kernel == "auto" else self.kernel)
         ids = torch.tensor(row.input_ids, dtype=torch.long, device=self.device)
-        hidden = segment_forward(self._backbone, ids, layout)
+        try:
+            hidden = segment_forward(self._backbone, ids, layout)
+        except (KernelError, torch.OutOfMemoryError):
+            raise  # KernelError names the kernel and the way out; OOM: lower max_tokens_per_batch
+        except (TypeError, AttributeError, NotImplementedError) as err:
+            raise RuntimeError(
+                f"{type(self.model).__name__} failed under segment attention ({type(err).__name__}: {err}); "
+                "score it with PolarScorer(..., kernel='plain')."
+            ) from err
+        finally:
+            kernels.update(layout.kernel_calls)
         last = hidden.index_select(0, torch.tensor(row.reads, device=self.device))
         return self._head(last).float().squeeze(-1).tolist()
 

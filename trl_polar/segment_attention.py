@@ -21,28 +21,44 @@ function it has no mask function for, so no dense mask is ever made.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .segment_flex import FLEX_BLOCK, KernelError, flex_attention_row, flex_available, flex_block_mask
+
+__all__ = [
+    "ATTENTION_NAME",
+    "FLEX_BLOCK",
+    "KERNELS",
+    "KERNEL_ENV",
+    "KernelError",
+    "Segment",
+    "SegmentLayout",
+    "choose_kernel",
+    "flex_available",
+    "has_sliding_window",
+    "segment_attention_forward",
+    "segment_forward",
+    "use_segment_attention",
+]
+
 logger = logging.getLogger(__name__)
 
 ATTENTION_NAME = "polar_segments"
-# Kernels of `segment_attention_forward`: "auto" chooses by device (flex on CUDA; on CPU the log-sum-exp split for
-# inference, buckets for training); the others force one, for tests and benchmarks.
-KERNELS = ("auto", "flex", "buckets", "split")
-# The kernel of a layout built without one (benchmarks compare kernels by setting it).
-DEFAULT_KERNEL = "auto"
-# FlexAttention tile (queries x keys) and the multiple the row's attention length is rounded up to.
-FLEX_BLOCK = 128
-# Run FlexAttention through torch.compile (its fused kernel). Eager flex computes a dense reference instead: only for
-# tiny rows (the CPU tests).
-FLEX_COMPILE = True
+# Kernels of `segment_attention_forward`. "auto" chooses by rule (`choose_kernel`): flex on CUDA with triton; on CPU
+# the log-sum-exp split for inference, the buckets for training. "flex_eager" is flex uncompiled: a dense reference
+# for tests on tiny rows.
+KERNELS = ("auto", "flex", "buckets", "split", "flex_eager")
+# The environment variable that chooses the kernel of every layout built without one (the trainer's, the scorer's).
+KERNEL_ENV = "TRL_POLAR_ATTENTION_KERNEL"
 # A bucket takes another segment while its padded attention area stays within this factor of the real one: more
 # buckets mean more (smaller) kernel calls, fewer mean more wasted attention on padding.
 MAX_PADDING_WASTE = 1.3
@@ -89,8 +105,10 @@ class _Bucket:
 class SegmentLayout:
     """The attention plan of one row: position ids and the buckets, on ``device``.
 
-    ``kernel`` picks what computes it: "auto" (`DEFAULT_KERNEL`'s default) runs FlexAttention on CUDA and, on CPU,
-    the log-sum-exp split for inference and the buckets for training; "flex", "buckets" or "split" force one.
+    ``kernel`` picks what computes it: "auto" chooses by `choose_kernel`'s rule; "flex", "buckets", "split" force
+    one. Without ``kernel``, the environment variable ``TRL_POLAR_ATTENTION_KERNEL`` chooses (default "auto"). A
+    kernel that fails raises `KernelError`; nothing falls back to another kernel. ``kernel_calls`` counts the kernels
+    that ran, per attention call (one per layer and forward): what tests and benchmarks check.
 
     A prefix of 3 tokens and two 2-token candidates after it: the prefix gets a plain causal bucket, the candidates
     share one masked bucket (keys: the 3 context slots, then their own 2).
@@ -106,10 +124,14 @@ class SegmentLayout:
     """
 
     def __init__(self, segments: Sequence[Segment], device: torch.device, kernel: str | None = None) -> None:
-        kernel = DEFAULT_KERNEL if kernel is None else kernel
+        if kernel is None:
+            kernel = os.environ.get(KERNEL_ENV, "").strip() or "auto"
+            if kernel not in KERNELS:
+                raise ValueError(f"{KERNEL_ENV}={kernel!r} is not a kernel; set it to one of {list(KERNELS)}.")
         if kernel not in KERNELS:
             raise ValueError(f"`kernel` must be one of {list(KERNELS)}, got {kernel!r}.")
         self.kernel = kernel
+        self.kernel_calls: collections.Counter[str] = collections.Counter()
         if not segments:
             raise ValueError("A segment layout needs at least one segment.")
         self.segments = list(segments)
@@ -149,8 +171,8 @@ class SegmentLayout:
 
     @functools.cached_property
     def flex(self):
-        """The FlexAttention block mask of the row, its attention length rounded up to a multiple of `FLEX_BLOCK`."""
-        return _flex_block_mask(self.segments, self.length, self.device)
+        """The FlexAttention block mask of the row, its length rounded up to whole tiles (`padded_length`)."""
+        return flex_block_mask(self.segments, self.length, self.device)
 
 
 def _bucketize(segments: list[Segment]) -> Iterator[list[int]]:
@@ -215,66 +237,6 @@ def _build_bucket(segments: list[Segment], device: torch.device) -> _Bucket:
     )
 
 
-def _flex_bounds(segments: Sequence[Segment], length: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Per token of the rounded-up row: its context ``[lo, hi)`` and where its own segment starts (it sees keys from
-    there up to itself). Tokens no segment covers, and the tail, see only themselves."""
-    padded = -(-length // FLEX_BLOCK) * FLEX_BLOCK
-    own = torch.arange(padded)
-    ctx_lo = torch.zeros(padded, dtype=torch.long)
-    ctx_hi = torch.zeros(padded, dtype=torch.long)
-    for s in segments:
-        own[s.start : s.start + s.length] = s.start
-        ctx_lo[s.start : s.start + s.length] = s.context_start
-        ctx_hi[s.start : s.start + s.length] = s.context_start + s.context_length
-    return tuple(t.to(device=device, dtype=torch.int32) for t in (ctx_lo, ctx_hi, own))
-
-
-def _flex_block_mask(segments: Sequence[Segment], length: int, device: torch.device):
-    from torch.nn.attention.flex_attention import BlockMask
-
-    ctx_lo, ctx_hi, own = _flex_bounds(segments, length, device)
-    padded = own.shape[0]
-    blocks = padded // FLEX_BLOCK
-
-    def mask_mod(b, h, q, kv):
-        return ((kv >= ctx_lo[q]) & (kv < ctx_hi[q])) | ((kv >= own[q]) & (kv <= q))
-
-    # Tiles from the per-query key intervals, never from a [T, T] grid: tile (qb, kb) is needed when some query of qb
-    # sees some key of kb, and whole when every query of qb sees every key of kb (then the kernel skips mask_mod).
-    query = torch.arange(padded, device=device)[:, None]
-    k0 = torch.arange(blocks, device=device)[None, :] * FLEX_BLOCK
-    k1 = k0 + FLEX_BLOCK
-    lo, hi, start = ctx_lo.long()[:, None], ctx_hi.long()[:, None], own.long()[:, None]
-    end = query + 1
-    touches = ((lo < k1) & (hi > k0) & (hi > lo)) | ((start < k1) & (end > k0))
-    # A context that ends where the segment starts makes one interval [lo, q + 1).
-    joined_lo = torch.where((hi == start) & (hi > lo), lo, start)
-    covered = ((k0 >= lo) & (k1 <= hi)) | ((k0 >= joined_lo) & (k1 <= end))
-    touches = touches.view(blocks, FLEX_BLOCK, blocks).any(dim=1)
-    covered = covered.view(blocks, FLEX_BLOCK, blocks).all(dim=1)
-    partial = touches & ~covered
-
-    def indices(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        counts = tiles.sum(dim=-1, dtype=torch.int32)
-        order = torch.argsort(tiles.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-        return counts[None, None], order[None, None].contiguous()
-
-    kv_num, kv_index = indices(partial)
-    full_num, full_index = indices(covered)
-    return BlockMask.from_kv_blocks(
-        kv_num, kv_index, full_num, full_index, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(padded, padded)
-    )
-
-
-@functools.cache
-def _flex_kernel(compiled: bool):
-    from torch.nn.attention.flex_attention import flex_attention
-
-    # Default dynamic shapes: the first row length compiles a static kernel, the second a dynamic one that serves
-    # every later length, so compilation stays at two per model, dtype and grad mode.
-    return torch.compile(flex_attention) if compiled else flex_attention
-
-
 def has_sliding_window(config) -> bool:
     """Whether a model config has sliding-window layers, which segment attention does not implement.
 
@@ -287,57 +249,32 @@ def has_sliding_window(config) -> bool:
     return "sliding_attention" in (getattr(config, "layer_types", None) or ())
 
 
-def flex_available(device: torch.device) -> bool:
-    """Whether `segment_attention_forward` runs FlexAttention on ``device`` by default (CUDA with triton).
+def choose_kernel(layout: SegmentLayout, *tensors: torch.Tensor, dropout: float = 0.0) -> tuple[str, str]:
+    """The kernel a layout runs for these queries (keys, values), and why: the layout's choice, else the "auto"
+    rule (flex on CUDA with triton and no dropout; the split for CPU inference where each context's readers form one
+    run; else the buckets).
 
-    >>> flex_available(torch.device("cpu"))
-    False
+    >>> layout = SegmentLayout([Segment(0, 3), Segment(3, 2, 0, 3)], torch.device("cpu"), kernel="auto")
+    >>> choose_kernel(layout, torch.zeros(1, 2, 5, 4))
+    ('split', 'auto: CPU inference')
     """
-    if device.type != "cuda":
-        return False
-    try:
-        import torch.nn.attention.flex_attention  # noqa: F401
-        from torch.utils._triton import has_triton
-    except ImportError:
-        return False
-    return has_triton()
-
-
-def _flex_attention(
-    layout: SegmentLayout, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
-) -> torch.Tensor:
-    """``[1, heads, T, head_dim]`` in, ``[1, T, heads, head_dim]`` out: one kernel call for the whole row."""
-    block_mask = layout.flex
-    length = query.shape[2]
-    tail = block_mask.seq_lengths[0] - length
-    if tail:
-        query, key, value = (F.pad(t, (0, 0, 0, tail)) for t in (query, key, value))
-    # The inputs already have the autocast dtype (`_autocast`); tracing the kernel outside autocast keeps torch's
-    # compiled flex backward off its mixed-precision lowering.
-    with torch.autocast(query.device.type, enabled=False):
-        out = _flex_kernel(FLEX_COMPILE)(
-            query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
-        )
-    return out[:, :, :length].transpose(1, 2)
-
-
-# (device type, dtype, head_dim, grad mode) where the flex kernel failed: "auto" takes the buckets there from then on.
-_FLEX_FAILED: set[tuple] = set()
-
-
-def _flex_key(query: torch.Tensor) -> tuple:
-    return query.device.type, query.dtype, query.shape[-1], query.requires_grad
-
-
-def _choose_kernel(layout: SegmentLayout, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float):
     if layout.kernel != "auto":
-        return layout.kernel
+        return layout.kernel, "chosen"
     # FlexAttention has no attention dropout; a model that trains with it takes the buckets.
-    if not dropout and flex_available(query.device) and _flex_key(query) not in _FLEX_FAILED:
-        return "flex"
-    if _can_split(query, key, value) and layout.split is not None:
-        return "split"
-    return "buckets"
+    device = tensors[0].device
+    if dropout:
+        return "buckets", "auto: attention dropout"
+    if flex_available(device):
+        return "flex", "auto: CUDA with triton"
+    if _can_split(*tensors) and layout.split is not None:
+        return "split", "auto: CPU inference"
+    grad = any(t.requires_grad for t in tensors)
+    return "buckets", f"auto: {device.type} {'training' if grad else 'inference'}"
+
+
+@functools.cache
+def _log_choice(kernel: str, reason: str, device: str) -> None:
+    logger.info("Segment attention runs the %s kernel on %s (%s).", kernel, device, reason)
 
 
 def segment_attention_forward(
@@ -361,25 +298,17 @@ def segment_attention_forward(
         raise ValueError(f"{ATTENTION_NAME} attention does not implement sliding windows; score such models plainly.")
     heads, head_dim = query.shape[1], query.shape[-1]
     kv_heads = key.shape[1]
-    kernel = _choose_kernel(layout, query, key, value, dropout)
-    if kernel == "flex":
+    kernel, reason = choose_kernel(layout, query, key, value, dropout=dropout)
+    _log_choice(kernel, reason, query.device.type)
+    layout.kernel_calls[kernel] += 1
+    if kernel in ("flex", "flex_eager"):
         if dropout:
             raise ValueError(f"The flex kernel of {ATTENTION_NAME} attention has no dropout; use kernel='buckets'.")
-        try:
-            return _flex_attention(layout, *_autocast(query, key, value), scaling), None
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as err:  # compilation can fail in many ways (toolchain, head size, torch version)
-            if layout.kernel != "auto":
-                raise
-            # A failed fast kernel must not stop a run: the buckets compute the same, exactly.
-            logger.warning(
-                "The flex kernel failed (%s: %s); segment attention takes the buckets.", type(err).__name__, err
-            )
-            _FLEX_FAILED.add(_flex_key(query))
+        out = flex_attention_row(layout, *_autocast(query, key, value), scaling, compiled=kernel == "flex")
+        return out, None
     q, k, v = (t[0].transpose(0, 1) for t in _autocast(query, key, value))  # [T, heads, head_dim]
     if kernel == "split":
-        if layout.split is None or not _can_split(query, key, value):
+        if layout.split is None or not _can_split(query, key, value):  # a kernel chosen by name
             raise ValueError(
                 "The split kernel needs CPU inference and one contiguous run of tokens per context; use 'buckets'."
             )
