@@ -69,7 +69,7 @@ def test_missing_references(scorer):
     assert logged["polar_reward/missing_reference_frac"] == pytest.approx(0.75)
     out, logged = _call(PolarReward(scorer), prompts[:1], completions[:1], [None])
     assert out == [None] and "polar_reward/raw_mean" not in logged
-    with pytest.raises(ValueError, match=r"Row 1 has no reference in column 'reference'"):
+    with pytest.raises(ValueError, match=r"`reference\[1\]` is empty: the row at index 1 .* lacks a reference\. Fill"):
         _call(PolarReward(scorer, on_missing_reference="error"), prompts, completions, references)
     with pytest.raises(ValueError, match=r"needs the dataset column 'gold'.*reference_column"):
         _call(PolarReward(scorer, reference_column="gold"), prompts, completions, references)

@@ -209,7 +209,7 @@ def test_bad_row_error_names_row_and_column(tmp_path, tiny_qwen2_rm_dir):
         for _ in range(3)
     ]
     rows[2]["rejected"] = [{"role": "assistant", "content": None}]
-    with pytest.raises(ValueError, match=r"train dataset, row 2: `rejected\[0\]\['content'\]`"):
+    with pytest.raises(ValueError, match=r"train dataset, index 2: `rejected\[0\]\['content'\]`"):
         PolarRewardTrainer(
             model=_load(tiny_qwen2_rm_dir), args=_config(tmp_path), train_dataset=Dataset.from_list(rows)
         )
@@ -228,7 +228,7 @@ def test_dataset_and_loss_must_agree(tmp_path, tiny_qwen2_rm_dir):
 
 def test_pretokenized_rows_must_end_with_the_reward_token(tmp_path, tiny_qwen2_rm_dir):
     ds = Dataset.from_list([{"chosen_ids": [1, 5, 6], "rejected_ids": [1, 5, 7]}])
-    with pytest.raises(ValueError, match="row 0, column `chosen_ids`"):
+    with pytest.raises(ValueError, match="index 0, column `chosen_ids`"):
         PolarRewardTrainer(model=_load(tiny_qwen2_rm_dir), args=_config(tmp_path), train_dataset=ds)
 
 

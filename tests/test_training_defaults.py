@@ -132,5 +132,5 @@ def test_max_packed_length_is_the_old_name_of_max_row_length():
 def test_a_bad_margin_names_its_row_and_column(tmp_path, tiny_qwen2_rm_dir):
     rows = toy_rows(4, seed=5, margin=True)
     rows[2]["margin"] = float("nan")
-    with pytest.raises(ValueError, match=r"^train dataset, row 2, column `margin`: must be a finite number, got nan"):
+    with pytest.raises(ValueError, match=r"^train dataset, index 2, column `margin`: must be a finite number, got na"):
         _train(tmp_path, tiny_qwen2_rm_dir, Dataset.from_list(rows), bf16=False)
