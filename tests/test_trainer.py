@@ -143,6 +143,7 @@ def test_training_learns_saves_and_reloads(tmp_path, tiny_qwen2_lm_dir):
 
 def test_truncation_is_counted_and_logged(tmp_path, tiny_qwen2_rm_dir, caplog):
     rows = toy_rows(8, seed=0)
+    rows[2]["prompt"] += " and" * 150  # a row whose prompt alone is cut
     args = _config(tmp_path, max_length=240, max_response_length=100, max_steps=2)
     with caplog.at_level("WARNING"):
         trainer = PolarRewardTrainer(model=_load(tiny_qwen2_rm_dir), args=args, train_dataset=Dataset.from_list(rows))
@@ -168,6 +169,7 @@ def test_truncation_is_counted_and_logged(tmp_path, tiny_qwen2_rm_dir, caplog):
     }
     assert counts == expected
     assert 0 < counts["truncated_rows"] < 8  # some rows are cut and some are not: all-or-none would prove little
+    assert any(parts == (True, False, False) for parts in cut)  # and one is cut in its prompt only
     assert "No row was dropped" in caplog.text
     trainer.train()  # 2 steps x 4 rows: every row once
     assert trainer.state.log_history[1]["truncated_rows"] == counts["truncated_rows"]
