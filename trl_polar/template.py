@@ -72,14 +72,12 @@ def check_text(text: str, argument: str = "text") -> str:
     """`text` itself, or a ValueError naming `argument` when it holds a lone UTF-16 surrogate (``"\\ud800"``, which
     JSON's escapes allow): no tokenizer, JSON writer or HTTP body can carry one, so it is refused where text enters.
 
-    >>> check_text("fine", "prompt")
-    'fine'
     >>> check_text("bad \\ud800", "candidate")
     Traceback (most recent call last):
     ...
     ValueError: `candidate` holds a lone UTF-16 surrogate '\\ud800' at character 4, which is not text. Replace it ...
     """
-    if text.isascii():  # the common case, and an O(1) check for most texts CPython already knows to be ASCII
+    if text.isascii():  # the common case: O(1) in CPython, which knows whether a string is ASCII
         return text
     try:
         text.encode("utf-8")
@@ -93,10 +91,7 @@ def check_text(text: str, argument: str = "text") -> str:
 
 def check_texts(value: Any, argument: str = "text") -> None:
     """`check_text` on every string inside `value` (a string, a message list, a content-part list), naming the
-    field that fails, e.g. ``candidates[2][0]['content']``; other values are left to the formatter's own checks.
-
-    >>> check_texts([{"role": "user", "content": "Hi"}], "prompts[0]")
-    """
+    field that fails, e.g. ``candidates[2][0]['content']``; other values are left to the formatter's own checks."""
     stack = [(argument, value)]
     while stack:
         where, item = stack.pop()
