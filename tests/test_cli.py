@@ -67,7 +67,8 @@ def test_errors_are_one_line(tmp_path, tiny_tokenizer_dir):
         "use --candidate-column to name the candidate's column."
     ]
     out = run_cli("format", "--tokenizer", tiny_tokenizer_dir, "--data", str(data), "--row", "3")
-    assert out.returncode == 1 and out.stderr.strip() == f"Error: {data}: has no row 3 (it has 1 rows)."
+    expected = f"Error: {data}: has no row at index 3 (it has 1 rows, at indices 0 to 0)."
+    assert out.returncode == 1 and out.stderr.strip() == expected
     out = run_cli("format", "--tokenizer", tiny_tokenizer_dir, "--prompt", "p", "--reference", "r",
                   "--candidate", "c", "--wrapper", "chat")  # fmt: skip
     assert out.returncode == 1 and out.stderr.startswith("Error: `wrapper` must be one of ('sft', 'pretrain')")

@@ -29,7 +29,7 @@ def test_records_carry_their_lines_in_json_lines_and_json_arrays(tmp_path):
     ]
     assert [r.location for r in read_records(array)] == [f"{array}:2", f"{array}:4"]
     assert read_row(array, 1) == {"b": 2}
-    with pytest.raises(DataError, match=r"a.json: has no row 2 \(it has 2 rows\)\.$"):
+    with pytest.raises(DataError, match=r"a.json: has no row at index 2 \(it has 2 rows, at indices 0 to 1\)\.$"):
         read_row(array, 2)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,31 @@ def test_clear_errors(tiny_tokenizer):
         sample_prompts(corpus, tiny_tokenizer, PromptConfig(instruction_share=0.5))
     with pytest.raises(ValueError, match="min_prefix_tokens <= max_prefix_tokens"):
         PromptConfig(min_prefix_tokens=5, max_prefix_tokens=2)
+
+
+def test_a_corpus_record_that_is_not_text_names_the_file_and_line(
+    tmp_path, tiny_tokenizer, capsys, monkeypatch, plain_tokenizer_dir, tiny_qwen2_lm_dir
+):
+    import sys
+
+    from trl_polar.cli import main
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "A first document about rivers."}\n{"text": 5}\n{"text": "Third."}\n')
+    message = f"{corpus}:2, field 'text': must hold text, got int: 5. Write documents as strings, or name the text"
+    with pytest.raises(DataError, match="^" + re.escape(message)):
+        sample_prompts(str(corpus), tiny_tokenizer, PromptConfig(max_prefix_tokens=4, seed=0))
+    # The same from the command line, before any policy loads.
+    policy = f"{tiny_qwen2_lm_dir}:base"
+    argv = ["trl-polar", "build-data", "--corpus", str(corpus), "--out", str(tmp_path / "o"), "--policy", policy,
+            "--policy", policy, "--tokenizer", plain_tokenizer_dir]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 1
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"Error: {message} column with --text-column.")
+    # Records that are not files are named by their index.
+    with pytest.raises(DataError, match=r"^corpus index \d, field 'text': must hold text, got int"):
+        sample_prompts([{"text": 6}, {"text": 7}], tiny_tokenizer, PromptConfig(max_prefix_tokens=4, seed=0))
+    with pytest.raises(DataError, match=r"^The records do not form one table \(.*\); every record's 'text' must"):
+        sample_prompts([{"text": "a b c"}, {"text": 7}], tiny_tokenizer, PromptConfig(max_prefix_tokens=4, seed=0))

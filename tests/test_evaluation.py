@@ -113,7 +113,7 @@ def test_rows_that_cannot_be_judged_are_skipped_and_counted(model_and_template, 
     ]
     report = evaluate(PolarScorer(model, template), rows)
     assert report.rows_read == 5 and report.num_rows == 2
-    assert "Row 2 cannot be judged (missing_reference)" in caplog.text  # the row's place in the input
+    assert "Row at index 2 cannot be judged (missing_reference)" in caplog.text  # the row's place in the input
     assert report.skipped == {"candidates_fewer_than_2": 1, "missing_reference": 1, "not_text": 1}
     expected = 0
     for r in (rows[0], rows[4]):
@@ -234,7 +234,7 @@ def test_an_answer_that_cannot_be_built_is_skipped_with_its_row_logged(tiny_qwen
     ]
     report = evaluate(PolarScorer(tiny_qwen2_rm_dir, device="cpu"), rows)
     assert (report.num_rows, report.rows_read, report.skipped) == (1, 2, {"not_text": 1})
-    assert "Row 1 cannot be judged (not_text)" in caplog.text
+    assert "Row at index 1 cannot be judged (not_text)" in caplog.text
 
 
 def test_evaluate_command_on_converted_rmb_rows_with_a_sample(tmp_path, tiny_qwen2_rm_dir):

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import math
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -27,6 +28,23 @@ def test_rl_example_trains_with_a_polar_reward(tmp_path, script, tiny_qwen2_rm_d
         capture_output=True, text=True, timeout=300, check=False, cwd=EXAMPLES,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    means = re.findall(r"'rewards/polar_reward/mean': '([^']+)'", out.stdout + out.stderr)
-    assert means and all(math.isfinite(float(m)) for m in means)
-    assert (tmp_path / "out" / "config.json").is_file()
+    step = _step_metrics(out.stdout + out.stderr)
+    # The reward TRL trained on is POLAR's raw score (no normalisation by default), for every completion: its mean
+    # is PolarReward's own raw mean, and a sign flip or a lost row anywhere between the two would show here.
+    assert step["rewards/polar_reward/mean"] == pytest.approx(step["polar_reward/raw_mean"], rel=2e-3)
+    assert step["polar_reward/failed_frac"] == 0 and step["polar_reward/missing_reference_frac"] == 0
+    # The completions of a group score differently, so the policy gets an advantage signal and a gradient...
+    assert step["polar_reward/raw_min"] < step["polar_reward/raw_mean"] < step["polar_reward/raw_max"]
+    assert step["rewards/polar_reward/std"] > 0 and math.isfinite(step["grad_norm"]) and step["grad_norm"] > 0
+    # ...and the saved policy moved from where it started (one Adam step of size ~lr = 1e-6 on each weight).
+    trained, initial = (load_file(Path(d) / "model.safetensors") for d in (tmp_path / "out", tiny_qwen2_lm_dir))
+    moved = max((trained[name].float() - initial[name].float()).abs().max().item() for name in initial)
+    assert 5e-7 < moved < 1e-4
+
+
+def _step_metrics(logs: str) -> dict[str, float]:
+    """The metrics TRL printed for the training step (the dict that holds the reward's mean)."""
+    for line in logs.splitlines():
+        if "'rewards/polar_reward/mean'" in line:
+            return {key: float(value) for key, value in ast.literal_eval(line[line.index("{") :]).items()}
+    raise AssertionError(f"no reward metrics in the log: {logs[-3000:]}")

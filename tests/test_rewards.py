@@ -69,7 +69,7 @@ def test_missing_references(scorer):
     assert logged["polar_reward/missing_reference_frac"] == pytest.approx(0.75)
     out, logged = _call(PolarReward(scorer), prompts[:1], completions[:1], [None])
     assert out == [None] and "polar_reward/raw_mean" not in logged
-    with pytest.raises(ValueError, match=r"Row 1 has no reference in column 'reference'"):
+    with pytest.raises(ValueError, match=r"`reference\[1\]` is empty: the row at index 1 .* lacks a reference\. Fill"):
         _call(PolarReward(scorer, on_missing_reference="error"), prompts, completions, references)
     with pytest.raises(ValueError, match=r"needs the dataset column 'gold'.*reference_column"):
         _call(PolarReward(scorer, reference_column="gold"), prompts, completions, references)
@@ -178,3 +178,29 @@ def test_completions_as_content_parts_score_as_their_text(scorer):
     tool_call = {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "calc"}}]}
     out, _ = _call(reward, [P1, P1], [parts, [tool_call, *parts]], ["4", "4"])
     assert out == pytest.approx(scorer.score([P1], ["4"], ["4"]) * 2, abs=1e-6)
+
+
+def test_the_reward_cuts_a_long_completion_as_training_did(tmp_path, tiny_qwen2_rm_dir):
+    """A checkpoint that does not record its cut side is scored with the start of a long completion kept ("right"),
+    as POLAR was trained (xtuner's client copy defaults to "left"; see test_template.py for the decision)."""
+    import json
+    import shutil
+
+    from trl_polar.template import PolarTemplate
+
+    model_dir = tmp_path / "rm"
+    shutil.copytree(tiny_qwen2_rm_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["polar_template"].pop("response_cut_side", None)
+    config["polar_template"]["max_response_length"] = 8
+    (model_dir / "config.json").write_text(json.dumps(config))
+    long = "The answer is 4 because two and two make four, " + "and that is all there is to say " * 4
+    rewards = PolarReward(str(model_dir), device="cpu")(prompts=["2+2?"], completions=[long], reference=["4"])
+    scorer = PolarScorer(str(model_dir), device="cpu")
+    tokenizer = scorer.template.tokenizer
+    expected = {}
+    for side in ("right", "left"):
+        template = PolarTemplate(tokenizer, max_length=16384, max_response_length=8, response_cut_side=side)
+        expected[side] = PolarScorer(scorer.model, template, device="cpu").score(["2+2?"], ["4"], [long])[0]
+    assert rewards[0] == pytest.approx(expected["right"], abs=1e-6)
+    assert abs(expected["right"] - expected["left"]) > 1e-3  # the two sides score differently here

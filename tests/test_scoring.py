@@ -166,7 +166,15 @@ def test_loads_from_path_with_dtype(tiny_qwen2_rm_dir):
     a = fp32.score(PROMPTS, REFERENCES, CANDIDATES)
     b = bf16.score(PROMPTS, REFERENCES, CANDIDATES, show_progress=True)
     assert all(isinstance(x, float) for x in b)
-    assert b == pytest.approx(a, abs=0.1)
+    # The tolerance is what bf16 costs the plain path: the model's own forward, one item at a time, in bf16 (about
+    # 2e-3 here, against scores spread over 0.25). A sign flip, a shifted reward position or a constant output in
+    # the bf16 path moves scores by far more; a bf16 run that secretly ran in fp32 would have no error at all.
+    plain, template = _load(tiny_qwen2_rm_dir)
+    plain_bf16 = _plain_scores(plain.to(torch.bfloat16), template, PROMPTS, REFERENCES, CANDIDATES)
+    plain_error = max(abs(x - y) for x, y in zip(plain_bf16, a, strict=True))
+    assert 0 < plain_error < 0.01
+    assert b == pytest.approx(a, abs=2 * plain_error)
+    assert max(a) - min(a) > 20 * 2 * plain_error  # the scores differ by far more than the tolerance
     with pytest.raises(ValueError, match="dtype"):
         PolarScorer(tiny_qwen2_rm_dir, device="cpu", dtype="float8")
 

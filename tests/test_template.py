@@ -69,6 +69,29 @@ def test_unicode_survives_the_round_trip(tiny_tokenizer):
     assert t.build(prompt, reference, candidate).truncated is False
 
 
+# Upstream disagrees on the default cut side: POLAR's training code (xtuner's tokenize_ref) and its official client
+# keep the first max_response_length tokens of a response ("right"), while xtuner's copy of that client defaults to
+# "left" (the last tokens). The released checkpoints were trained on starts, and a score is only meaningful on input
+# cut as in training, so "right" is the default everywhere, a decision these tests hold (docs/format.md, Truncation).
+def test_default_cut_side_keeps_a_long_responses_start_as_in_training(tiny_tokenizer):
+    from trl_polar import PolarConfig
+
+    long_ref = " ".join(f"ref{i}" for i in range(40))
+    long_cand = " ".join(f"cand{i}" for i in range(40))
+    start = PolarTemplate(tiny_tokenizer, max_length=512, max_response_length=10, response_cut_side="right")
+    end = PolarTemplate(tiny_tokenizer, max_length=512, max_response_length=10, response_cut_side="left")
+    default = PolarTemplate(tiny_tokenizer, max_length=512, max_response_length=10)
+    assert default.response_cut_side == "right" and default.to_dict()["response_cut_side"] == "right"
+    assert default.build(P, long_ref, long_cand).text == start.build(P, long_ref, long_cand).text
+    assert default.build(P, long_ref, long_cand).text != end.build(P, long_ref, long_cand).text
+    assert "cand0" in default.build(P, long_ref, long_cand).text.split(SEP)[1]
+    # Training holds the same default: the template a PolarConfig describes cuts as the scorer's does.
+    config = PolarConfig(output_dir="unused", use_cpu=True, max_length=512, max_response_length=10)
+    assert config.response_cut_side == "right"
+    trained = PolarTemplate(tiny_tokenizer, **config.template_kwargs())
+    assert trained.encode_pair(P, long_ref, long_cand, "x") == start.encode_pair(P, long_ref, long_cand, "x")
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_response_cut_sides(tiny_tokenizer, side):
     tok = tiny_tokenizer

@@ -143,11 +143,33 @@ def test_training_learns_saves_and_reloads(tmp_path, tiny_qwen2_lm_dir):
 
 def test_truncation_is_counted_and_logged(tmp_path, tiny_qwen2_rm_dir, caplog):
     rows = toy_rows(8, seed=0)
-    args = _config(tmp_path, max_length=200, max_response_length=40, max_steps=2)
+    rows[2]["prompt"] += " and" * 150  # a row whose prompt alone is cut
+    args = _config(tmp_path, max_length=240, max_response_length=100, max_steps=2)
     with caplog.at_level("WARNING"):
         trainer = PolarRewardTrainer(model=_load(tiny_qwen2_rm_dir), args=args, train_dataset=Dataset.from_list(rows))
     counts = trainer.truncation_counts["train"]
-    assert counts["rows"] == 8 and 0 < counts["truncated_rows"] <= 8 and counts["candidate"] > 0
+    # The exact counts, from the tokenizer's own lengths: a response is cut when it holds more than 100 tokens (its
+    # BOS included, as the template counts); a row is counted once however many of its parts are cut.
+    template = trainer.template
+
+    def long(text: str) -> bool:
+        return len(template.tokenizer.encode(text, add_special_tokens=True)) > 100
+
+    pairs = [template.build_pair(r["prompt"], r["reference"], r["chosen"], r["rejected"]) for r in rows]
+    cut = [
+        (p.chosen.prompt.truncated, long(r["reference"]), long(r["chosen"]) or long(r["rejected"]))
+        for r, p in zip(rows, pairs, strict=True)
+    ]
+    expected = {
+        "rows": 8,
+        "truncated_rows": sum(any(parts) for parts in cut),
+        "prompt": sum(parts[0] for parts in cut),
+        "reference": sum(parts[1] for parts in cut),
+        "candidate": sum(parts[2] for parts in cut),
+    }
+    assert counts == expected
+    assert 0 < counts["truncated_rows"] < 8  # some rows are cut and some are not: all-or-none would prove little
+    assert any(parts == (True, False, False) for parts in cut)  # and one is cut in its prompt only
     assert "No row was dropped" in caplog.text
     trainer.train()  # 2 steps x 4 rows: every row once
     assert trainer.state.log_history[1]["truncated_rows"] == counts["truncated_rows"]
@@ -209,7 +231,7 @@ def test_bad_row_error_names_row_and_column(tmp_path, tiny_qwen2_rm_dir):
         for _ in range(3)
     ]
     rows[2]["rejected"] = [{"role": "assistant", "content": None}]
-    with pytest.raises(ValueError, match=r"train dataset, row 2: `rejected\[0\]\['content'\]`"):
+    with pytest.raises(ValueError, match=r"train dataset, index 2: `rejected\[0\]\['content'\]`"):
         PolarRewardTrainer(
             model=_load(tiny_qwen2_rm_dir), args=_config(tmp_path), train_dataset=Dataset.from_list(rows)
         )
@@ -228,7 +250,7 @@ def test_dataset_and_loss_must_agree(tmp_path, tiny_qwen2_rm_dir):
 
 def test_pretokenized_rows_must_end_with_the_reward_token(tmp_path, tiny_qwen2_rm_dir):
     ds = Dataset.from_list([{"chosen_ids": [1, 5, 6], "rejected_ids": [1, 5, 7]}])
-    with pytest.raises(ValueError, match="row 0, column `chosen_ids`"):
+    with pytest.raises(ValueError, match="index 0, column `chosen_ids`"):
         PolarRewardTrainer(model=_load(tiny_qwen2_rm_dir), args=_config(tmp_path), train_dataset=ds)
 
 

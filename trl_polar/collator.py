@@ -32,15 +32,19 @@ PAIR_COLUMNS = ("chosen_ids", "rejected_ids")
 RANKING_COLUMN = "candidates_ids"
 
 
-def group_sequences(example: dict[str, Any]) -> list[list[int]]:
-    """The token sequences of one row, best first."""
+def group_sequences(example: dict[str, Any], position: int = 0) -> list[list[int]]:
+    """The token sequences of one row, best first; ``position`` (the row's index in its batch) names it in errors."""
     if RANKING_COLUMN in example and example[RANKING_COLUMN] is not None:
-        sequences = [list(s) for s in example[RANKING_COLUMN]]
+        column, sequences = f"`{RANKING_COLUMN}`", [list(s) for s in example[RANKING_COLUMN]]
     else:
+        column = f"`{PAIR_COLUMNS[0]}`/`{PAIR_COLUMNS[1]}`"
         sequences = [list(example[PAIR_COLUMNS[0]]), list(example[PAIR_COLUMNS[1]])]
     if len(sequences) < 2 or any(len(s) == 0 for s in sequences):
         raise ValueError(
-            f"A row needs at least 2 non-empty token sequences, got lengths {[len(s) for s in sequences]}."
+            f"Batch row at index {position}, column {column}: a row needs at least 2 non-empty token sequences (a "
+            f"listwise row at least 2 candidates), got lengths {[len(s) for s in sequences]}. Drop such rows (e.g. "
+            "dataset.filter(lambda row: len(row['candidates']) >= 2)) or tokenize text rows with the trainer, "
+            "which names the dataset row."
         )
     return sequences
 
@@ -81,7 +85,7 @@ class PolarDataCollator(DataCollatorForPreference):
             raise ValueError(f"`max_row_length` must be positive or None, got {self.max_row_length}.")
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        groups = [group_sequences(example) for example in examples]
+        groups = [group_sequences(example, i) for i, example in enumerate(examples)]
         if self.batching == "padded":
             output = self._padded(examples, groups)
         else:

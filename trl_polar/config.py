@@ -141,6 +141,12 @@ class PolarConfig(RewardConfig):
                 f"{RESERVED_TOKENS} reserved, leaving no room for the prompt. Set max_length >= "
                 f"{2 * self.max_response_length + RESERVED_TOKENS + 2} or lower max_response_length."
             )
+        if self.num_train_epochs <= 0 and self.max_steps <= 0:
+            # Trainer would run no step and save the untouched model as if trained.
+            raise ValueError(
+                f"`num_train_epochs`={self.num_train_epochs:g} with no `max_steps` trains nothing. Set "
+                "num_train_epochs > 0 (e.g. 1) or max_steps > 0."
+            )
         self._check_choice("response_cut_side", CUT_SIDES)
         self._check_choice("wrapper", WRAPPERS)
         self._check_choice("batching", BATCHING_MODES)

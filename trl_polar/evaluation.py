@@ -266,7 +266,7 @@ def evaluate(
         if isinstance(parsed, str):
             skipped[parsed] += 1
             if skipped[parsed] <= 3:
-                logger.warning("Row %d cannot be judged (%s); it is skipped and counted.", i, parsed)
+                logger.warning("Row at index %d cannot be judged (%s); it is skipped and counted.", i, parsed)
             continue
         judged.append(row)
         groups.append(parsed)
@@ -379,7 +379,7 @@ def _score_groups(
             g, position = origin[chunk[err.index]]
             bar.close()
             raise ValueError(
-                f"Row {numbers[g]}, column `{_answer_column(protocol, position)}`: {err.reason}"
+                f"Index {numbers[g]}, column `{_answer_column(protocol, position)}`: {err.reason}"
             ) from None
         if len(got) != len(chunk):
             bar.close()

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from .failures import FailurePolicy, describe
 from .scorer import EncodeError, Scorer
-from .template import Text, flatten
+from .template import Text, check_text, check_texts, flatten, rename_parts
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +63,14 @@ def completion_text(completion: Text | None, index: int = 0) -> str:
     """The text of a completion as TRL passes it: a string, or a list of messages (with tools, several; messages
     without string content, such as bare tool calls, carry no text to score)."""
     if isinstance(completion, str):
-        return completion
+        return check_text(completion, f"completions[{index}]")
     if isinstance(completion, Sequence) and not isinstance(completion, (bytes, Mapping)):
+        for j, message in enumerate(completion):
+            if isinstance(message, Mapping) and "content" not in message and not message.get("tool_calls"):
+                raise ValueError(
+                    f"`completions[{index}][{j}]` is a message without 'content' ({message!r:.80}). Give it its "
+                    "text, e.g. {'role': 'assistant', 'content': '...'} (a tool call carries 'tool_calls')."
+                )
         # Bare tool calls (content None) carry no text to score; text parts of content lists are read by flatten.
         kept = [m for m in completion if isinstance(m, Mapping) and m.get("content") is not None]
         return flatten(kept, f"completions[{index}]")
@@ -84,17 +90,23 @@ def _is_missing(value: Any) -> bool:
     return isinstance(value, Sequence) and len(value) == 0
 
 
-def _as_reference_list(value: Any) -> list[Text]:
-    """A row's references: one string, one message list, or a list of several of those."""
+def _as_reference_list(value: Any) -> tuple[list[Text], list[int]]:
+    """A row's references (one string, one message list, or a list of several of those) and the positions of the
+    empty items of such a list (``""``, None, NaN), which are not references.
+
+    >>> _as_reference_list(["4", "", None, "four"])
+    (['4', 'four'], [1, 2])
+    """
     if hasattr(value, "tolist") and not isinstance(value, str):  # numpy / pandas arrays from parquet
         value = value.tolist()
     if isinstance(value, str):
-        return [value]
+        return [value], []
     if isinstance(value, Sequence) and value and all(isinstance(v, Mapping) for v in value):
-        return [value]  # one conversational reference
+        return [value], []  # one conversational reference
     if isinstance(value, Sequence):
-        return [v for v in value if not _is_missing(v)]
-    return [value]
+        empty = [j for j, v in enumerate(value) if _is_missing(v)]
+        return [v for v in value if not _is_missing(v)], empty
+    return [value], []
 
 
 @dataclass
@@ -113,6 +125,7 @@ class _Plan:
     prompts: Sequence[Text]
     references: Sequence[Any]
     num_rows: int
+    reference_column: str = "reference"
     batch: list[tuple[Text, Text, str]] = field(default_factory=list)
     owners: list[int] = field(default_factory=list)
     base_index: list[int] = field(default_factory=list)
@@ -123,6 +136,15 @@ class _Plan:
 
     def columns(self) -> tuple[list[Text], list[Text], list[str]]:
         return [t[0] for t in self.batch], [t[1] for t in self.batch], [t[2] for t in self.batch]
+
+    def place(self, j: int, reason: str) -> str:
+        """A scorer's message about triple ``j`` of the batch, put in the caller's terms (row index, field)."""
+        t = j if j < self.num_triples else self.base_index.index(j)  # a baseline: the first triple it serves
+        i = self.owners[t]
+        reference = f"{self.reference_column}[{i}]"
+        candidate = f"completions[{i}]" if j < self.num_triples else reference
+        fields = {"prompt": f"prompts[{i}]", "reference": reference, "candidate": candidate}
+        return f"Index {i}: {rename_parts(reason, fields)}"
 
 
 class _Attempts:
@@ -146,11 +168,15 @@ class _Attempts:
         self.pending = []
 
     def failed(self, err: Exception) -> None:
+        if isinstance(err, EncodeError) and 0 <= err.index < len(self.pending):
+            # The scorer counts items of its own call; the user knows rows by their index in this call.
+            reason = self.plan.place(self.pending[err.index], err.reason)
+            if self.on_error == "raise":
+                raise ValueError(reason) from err
+            self.plan.triple_failures[self.pending.pop(err.index)] = reason
+            return
         if self.on_error == "raise":
             raise err
-        if isinstance(err, EncodeError) and 0 <= err.index < len(self.pending):
-            self.plan.triple_failures[self.pending.pop(err.index)] = describe(err)
-            return
         for j in self.pending:
             self.plan.triple_failures[j] = describe(err)
         self.pending = []
@@ -253,6 +279,7 @@ class PolarReward:
         self.eps = eps
         self.__name__ = name
         self.log_stats = log_stats
+        self.empty_reference_items = 0  # empty items ("", None) inside lists of references, left out
 
     # ------------------------------------------------------------------------------------------------ scorer
     @property
@@ -383,11 +410,13 @@ class PolarReward:
         return attempts.values
 
     def _plan(self, prompts: Sequence[Text], completions: Sequence[Text], references: Sequence[Any]) -> _Plan:
-        plan = _Plan(prompts=prompts, references=references, num_rows=len(completions))
+        plan = _Plan(prompts, references, len(completions), self.reference_column)
         texts: list[str | None] = []
         for i, completion in enumerate(completions):
             try:
                 text = completion_text(completion, i)
+                flatten(prompts[i], f"prompts[{i}]")  # read once here, so a bad prompt fails its own row
+                check_texts(references[i], f"{self.reference_column}[{i}]")
             except ValueError as err:
                 if self.policy.on_error == "raise":
                     raise
@@ -397,14 +426,10 @@ class PolarReward:
         for i, value in enumerate(references):
             if texts[i] is None:
                 continue
-            refs = [] if _is_missing(value) else _as_reference_list(value)
+            refs, empty = ([], []) if _is_missing(value) else _as_reference_list(value)
+            if not refs or empty:
+                self._missing_reference(i, empty, flatten(prompts[i], f"prompts[{i}]"))
             if not refs:
-                if self.on_missing_reference == "error":
-                    raise ValueError(
-                        f"Row {i} has no reference in column {self.reference_column!r} (prompt: "
-                        f"{flatten(prompts[i], 'prompt')!r:.80}). Fill it, drop the row, or pass "
-                        "on_missing_reference='none' to give such rows no reward."
-                    )
                 continue
             for ref in refs:
                 plan.batch.append((prompts[i], ref, texts[i]))
@@ -414,8 +439,8 @@ class PolarReward:
             # r(p, ref, ref), the reference scored against itself, is the best this prompt can get: the reward
             # becomes a gap. It shares the prefix of its candidates, so it rides in the same scoring call.
             seen: dict[tuple[str, str], int] = {}
-            for prompt, ref, _ in plan.batch[: plan.num_triples]:
-                key = (flatten(prompt, "prompt"), flatten(ref, "reference"))
+            for (prompt, ref, _), i in zip(plan.batch[: plan.num_triples], plan.owners, strict=True):
+                key = (flatten(prompt, f"prompts[{i}]"), flatten(ref, f"{self.reference_column}[{i}]"))
                 if key not in seen:
                     seen[key] = len(plan.batch)
                     plan.batch.append((prompt, ref, key[1]))
@@ -446,6 +471,24 @@ class PolarReward:
         for owner, score in zip(owners, scores, strict=True):
             per_row.setdefault(owner, []).append(score)
         return [combine(per_row[i]) if i in per_row else None for i in range(n)]
+
+    def _missing_reference(self, i: int, empty: list[int], prompt: str) -> None:
+        """A row without a reference, or with empty items in its list of references: an error with
+        on_missing_reference="error"; otherwise the row gets no reward, or the empty items are left out (counted
+        in ``empty_reference_items`` and logged)."""
+        column = self.reference_column
+        where = f"`{column}[{i}][{empty[0]}]`" if empty else f"`{column}[{i}]`"
+        if self.on_missing_reference == "error":
+            raise ValueError(
+                f"{where} is empty: the row at index {i} (prompt: {prompt!r:.60}) lacks a reference. Fill it, drop "
+                "it, or pass on_missing_reference='none' to leave it out."
+            )
+        if empty:
+            self.empty_reference_items += len(empty)
+            count = self.empty_reference_items
+            if count & (count - 1) == 0 or count == len(empty):  # 1, 2, 4, ...: counted always, logged sparingly
+                logger.warning("%d empty item(s) in lists of references so far (latest: %s); they are left out and "
+                               "the row scored against the others.", count, where)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------ steps
     def _score(self, prompts: list[Text], references: list[Text], candidates: list[str]) -> list[float]:

@@ -17,6 +17,7 @@ from typing import Any
 from .atomic import atomic_write, check_destination
 from .data.io import iter_json_records
 from .scorer import DEFAULT_MAX_TOKENS_PER_BATCH, EncodeError, PolarScorer, Scorer
+from .template import rename_parts
 
 logger = logging.getLogger(__name__)
 
@@ -65,16 +66,20 @@ def score_file(
     dtype: str | None = None,
     show_progress: bool = True,
     chunk_rows: int = 1024,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Score a JSON-lines file of (prompt, reference, candidate) rows and write each row back with its reward.
 
     The candidate column defaults to the first of "output" (the official client's name), "candidate", "completion"
     and "response" that the first row has. A row may carry its own "wrapper". The output is checked before any
     work and written atomically; Ctrl-C raises `ScoringInterrupted` and keeps the scored rows for a rerun (see the
-    module docstring). Returns a summary ``{"rows", "mean", "min", "max", "output", "resumed"}``.
+    module docstring). Rows that already hold ``output_column`` (a file scored before) are refused, naming the first
+    such line, unless ``overwrite`` (then their old values are replaced, counted in the log). Returns a summary
+    ``{"rows", "mean", "min", "max", "output", "resumed"}``.
     """
     check_destination(output_path, inputs=[data_path])
     rows, columns = _read_rows(data_path, (prompt_column, reference_column, candidate_column))
+    _check_output_column(rows, output_column, overwrite, data_path)
     scorer = (
         model
         if isinstance(model, Scorer)
@@ -91,6 +96,9 @@ def score_file(
             except KeyboardInterrupt:
                 bar.close()
                 raise ScoringInterrupted(start, len(rows), partial) from None
+            except Exception:
+                bar.close()  # so that the error starts a line of its own, not the bar's
+                raise
             sink.writelines(json.dumps({**row, output_column: r}, ensure_ascii=False) + "\n" for (_, row), r in
                             zip(chunk, rewards, strict=True))  # fmt: skip
             sink.flush()
@@ -126,6 +134,19 @@ def _read_rows(data_path, columns: tuple[str, str, str | None]) -> tuple[list[tu
     return rows, found
 
 
+def _check_output_column(rows: list[tuple[int, dict]], column: str, overwrite: bool, data_path) -> None:
+    scored = [line for line, row in rows if column in row]
+    if not scored:
+        return
+    if not overwrite:
+        raise ValueError(
+            f"{data_path}:{scored[0]} already has a {column!r} value ({len(scored)} of {len(rows)} rows do). Pass "
+            "--output-column NAME (output_column=) to keep them beside the new scores, or --overwrite "
+            "(overwrite=True) to replace them."
+        )
+    logger.warning("Replacing the %r values of %d of %d rows of %s.", column, len(scored), len(rows), data_path)
+
+
 def _score_chunk(scorer: Scorer, chunk, columns: tuple[str, str, str], wrapper: str, data_path) -> list[float]:
     prompts, references, candidates = ([row[c] for _, row in chunk] for c in columns)
     wrappers = [row.get("wrapper", wrapper) for _, row in chunk]
@@ -133,7 +154,8 @@ def _score_chunk(scorer: Scorer, chunk, columns: tuple[str, str, str], wrapper: 
         # One wrapper for the whole chunk is what every scorer takes; per-row wrappers go through as a list.
         return scorer.score(prompts, references, candidates, wrappers[0] if len(set(wrappers)) == 1 else wrappers)
     except EncodeError as err:
-        raise ValueError(f"{data_path}:{chunk[err.index][0]}: {err.reason}") from None
+        reason = rename_parts(err.reason, dict(zip(("prompt", "reference", "candidate"), columns, strict=True)))
+        raise ValueError(f"{data_path}:{chunk[err.index][0]}: {reason}") from None
 
 
 def _resume(partial: Path, rows: list[dict], output_column: str) -> int:
@@ -147,7 +169,7 @@ def _resume(partial: Path, rows: list[dict], output_column: str) -> int:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 break  # a line cut by the interruption: everything before it stands
-            if done >= len(rows) or {k: v for k, v in row.items() if k != output_column} != rows[done]:
+            if done >= len(rows) or _without(row, output_column) != _without(rows[done], output_column):
                 logger.warning("%s does not hold scores of this input; scoring from the start.", partial)
                 return 0
             done += 1
@@ -159,6 +181,10 @@ def _resume(partial: Path, rows: list[dict], output_column: str) -> int:
             f.writelines(kept)
         logger.warning("Resuming after %d of %d rows already scored in %s.", done, len(rows), partial)
     return done
+
+
+def _without(row: dict, column: str) -> dict:
+    return {k: v for k, v in row.items() if k != column}
 
 
 def _progress(total: int, done: int, enabled: bool):

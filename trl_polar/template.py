@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ def flatten(value: Text, argument: str = "text") -> str:
     'plain text'
     """
     if isinstance(value, str):
-        return value
+        return check_text(value, argument)
     if value is None or isinstance(value, (bytes, int, float, bool, Mapping)) or not isinstance(value, Sequence):
         raise ValueError(
             f"`{argument}` must be a string or a list of messages like [{{'role': 'user', 'content': '...'}}], "
@@ -67,6 +68,54 @@ def flatten(value: Text, argument: str = "text") -> str:
     return "\n".join(parts)
 
 
+def check_text(text: str, argument: str = "text") -> str:
+    """`text` itself, or a ValueError naming `argument` when it holds a lone UTF-16 surrogate (``"\\ud800"``, which
+    JSON's escapes allow): no tokenizer, JSON writer or HTTP body can carry one, so it is refused where text enters.
+
+    >>> check_text("bad \\ud800", "candidate")
+    Traceback (most recent call last):
+    ...
+    ValueError: `candidate` holds a lone UTF-16 surrogate '\\ud800' at character 4, which is not text. Replace it ...
+    """
+    if text.isascii():  # the common case: O(1) in CPython, which knows whether a string is ASCII
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"`{argument}` holds a lone UTF-16 surrogate {text[err.start]!r} at character {err.start}, which is not "
+            "text. Replace it (e.g. text.encode('utf-8', 'replace').decode()) or drop the item."
+        ) from None
+    return text
+
+
+def check_texts(value: Any, argument: str = "text") -> None:
+    """`check_text` on every string inside `value` (a string, a message list, a content-part list), naming the
+    field that fails, e.g. ``candidates[2][0]['content']``; other values are left to the formatter's own checks."""
+    stack = [(argument, value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            check_text(item, where)
+        elif isinstance(item, Mapping):
+            stack.extend((f"{where}[{key!r}]", v) for key, v in item.items())
+        elif isinstance(item, Sequence) and not isinstance(item, (bytes, bytearray)):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(item))
+
+
+_PART_NAME = re.compile(r"`(\w+)(?=[`\[])")
+
+
+def rename_parts(message: str, names: Mapping[str, str]) -> str:
+    """A template error with its part names (``prompt``, ``reference``, ``candidate``, as the template spells
+    them) replaced by the caller's: a file's column, a list with its index.
+
+    >>> rename_parts("`candidate[0]['content']` must be ...", {"candidate": "completions[3]"})
+    "`completions[3][0]['content']` must be ..."
+    """
+    return _PART_NAME.sub(lambda m: f"`{names.get(m.group(1), m.group(1))}", message)
+
+
 _textless = {"messages": 0}
 
 
@@ -79,7 +128,7 @@ def message_text(content: Any, argument: str = "content") -> str | None:
     'The answer 4'
     """
     if isinstance(content, str):
-        return content
+        return check_text(content, argument)
     if isinstance(content, Sequence) and not isinstance(content, (bytes, Mapping)):
         texts = []
         for j, part in enumerate(content):
@@ -89,7 +138,7 @@ def message_text(content: Any, argument: str = "content") -> str | None:
                     f"got {part!r:.80}."
                 )
             if part.get("type", "text") == "text" and "text" in part:
-                texts.append(part["text"])
+                texts.append(check_text(part["text"], f"{argument}[{j}]['text']"))
         if texts:
             return "".join(texts)
         _textless["messages"] += 1
@@ -349,8 +398,13 @@ class PolarTemplate:
         self, prompt: Text, reference: Text, candidates: Sequence[Text], wrapper: str = "sft"
     ) -> list[PolarEncoding]:
         """One encoding per candidate of a k-way ranking; like `build_pair`, all share the smallest prompt budget."""
-        if isinstance(candidates, (str, Mapping)) or len(candidates) < 1:
-            raise ValueError(f"`candidates` must be a non-empty list of responses, got {candidates!r:.80}.")
+        if isinstance(candidates, (str, Mapping)) or not isinstance(candidates, Sequence):
+            raise ValueError(f"`candidates` must be a list of responses, best first, got {candidates!r:.80}.")
+        if len(candidates) < 2:
+            raise ValueError(
+                f"`candidates` holds {len(candidates)} response(s); a ranking needs at least 2, best first. Add "
+                "candidates or drop the row."
+            )
         (p, r, cands), lengths = self._parts(prompt, reference, list(candidates), wrapper)
         return [self._encoding(self._join(p, r, c, wrapper, client=False), lengths, i) for i, c in enumerate(cands)]
 

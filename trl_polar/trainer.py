@@ -216,8 +216,8 @@ class PolarRewardTrainer(RewardTrainer):
             margin = example.get("margin", 0.0)
             if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
                 raise ValueError(
-                    f"{dataset_name} dataset, row {index}, column `margin`: must be a finite number, got {margin!r}. "
-                    "Give every row a margin (0.0 for none) or drop the column."
+                    f"{dataset_name} dataset, index {index}, column `margin`: must be a finite number, got "
+                    f"{margin!r}. Give every row a margin (0.0 for none) or drop the column."
                 )
             try:
                 if ranked:
@@ -230,7 +230,7 @@ class PolarRewardTrainer(RewardTrainer):
                     )
                     encodings = [pair.chosen, pair.rejected]
             except ValueError as error:
-                raise ValueError(f"{dataset_name} dataset, row {index}: {error}") from error
+                raise ValueError(f"{dataset_name} dataset, index {index}: {error}") from error
             bits = 0
             for enc in encodings:
                 for part, bit in _TRUNCATED_BITS.items():
@@ -297,8 +297,8 @@ class PolarRewardTrainer(RewardTrainer):
                 sequences = value if column == RANKING_COLUMN else [value]
                 if any(not seq or seq[-1] != reward_id for seq in sequences):
                     raise ValueError(
-                        f"{dataset_name} dataset, row {index}, column `{column}`: the sequence does not end with the "
-                        f"reward token {self.template.reward_token!r} (id {reward_id}). Tokenize rows with "
+                        f"{dataset_name} dataset, index {index}, column `{column}`: the sequence does not end with "
+                        f"the reward token {self.template.reward_token!r} (id {reward_id}). Tokenize rows with "
                         "PolarTemplate.encode / encode_pair, or pass text columns (prompt, reference, chosen, "
                         "rejected) and let the trainer tokenize them."
                     )

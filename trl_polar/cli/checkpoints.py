@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from .errors import CLIError
+
 
 def convert(
     src: Annotated[str, typer.Argument(help="An official POLAR checkpoint (hub name or directory).")],
@@ -16,7 +18,15 @@ def convert(
 ) -> None:
     """Convert an official InternLM2 POLAR checkpoint to a Llama reward model that needs no remote code."""
     from ..checkpoints import convert_checkpoint
+    from ..data.io import looks_like_path
     from ..hub import resolve_dtype
+
+    # A local path that is not a checkpoint directory gets a local answer, not a hub repository-name error.
+    if looks_like_path(src) and not Path(src).is_dir():
+        found = "is a file" if Path(src).exists() else "does not exist"
+        raise CLIError(
+            f"{src} {found}: SRC must be a checkpoint directory (config.json and weights) or a hub name (org/name)."
+        )
 
     # Conversion runs on the CPU, so "auto" is float32 here.
     torch_dtype = resolve_dtype(dtype, "cpu", name="--dtype")

@@ -24,6 +24,10 @@ def score(
     max_tokens_per_batch: Annotated[int, typer.Option(help="Token budget of one scoring micro-batch.")] = 16384,
     dtype: Annotated[str, typer.Option(help="auto (bf16 on a capable GPU), bf16 or fp32.")] = "auto",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: this rank's).")] = None,
+    output_column: Annotated[str, typer.Option(help="Column the score is written to.")] = "reward",
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the values of rows that already hold the output column (else: an error).")
+    ] = False,
 ) -> None:
     """Score a JSON-lines (or JSON array) file with a POLAR reward model, with a progress bar."""
     from ..score_file import ScoringInterrupted, score_file
@@ -44,6 +48,8 @@ def score(
             prompt_column=prompt_column,
             reference_column=reference_column,
             candidate_column=candidate_column,
+            output_column=output_column,
+            overwrite=overwrite,
             max_tokens_per_batch=max_tokens_per_batch,
             device=device,
             dtype=dtype,

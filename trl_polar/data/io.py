@@ -57,6 +57,27 @@ class _Problems:
         return sum(v for k, v in self.counts.items() if k.startswith("skipped_"))
 
 
+# Suffixes of files people keep data or weights in: a name ending so is a local path, never a hub repository.
+_FILE_SUFFIXES = frozenset(
+    {".json", ".jsonl", ".ndjson", ".parquet", ".csv", ".tsv", ".txt", ".xlsx", ".xls", ".arrow", ".gz", ".zip"}
+    | {".tar", ".yaml", ".yml", ".md", ".pkl", ".pt", ".bin", ".safetensors", ".gguf"}
+)
+
+
+def looks_like_path(value: str | os.PathLike) -> bool:
+    """Whether `value` names a local file or directory rather than a hub repository: it exists, starts like a path
+    (``./``, ``../``, ``/``, ``~``) or ends with a file suffix. Such a value gets a local answer (no such file, or
+    which formats are read), never a hub error.
+
+    >>> [looks_like_path(v) for v in ("./nope", "rows.txt", "org/name", "org/model-v1.5")]
+    [True, True, False, False]
+    """
+    text = os.fspath(value)
+    if os.path.exists(text) or text.startswith((".", "/", "~", "\\")):
+        return True
+    return os.path.splitext(text)[1].lower() in _FILE_SUFFIXES
+
+
 def _not_an_object(value: Any) -> str:
     return f"expected a JSON object with named fields, got {type(value).__name__}: {value!r:.80}"
 
@@ -187,7 +208,7 @@ def read_row(path: str | os.PathLike, row: int) -> dict[str, Any]:
     for count, (_, record) in enumerate(iter_json_records(path), start=1):
         if count - 1 == row:
             return record
-    raise DataError(f"{path}: has no row {row} (it has {count} rows).")
+    raise DataError(f"{path}: has no row at index {row} (it has {count} rows, at indices 0 to {count - 1}).")
 
 
 def read_records(
@@ -205,7 +226,7 @@ def read_records(
     problems = _Problems(skip_invalid, counts)
     if not isinstance(source, (str, os.PathLike)):
         for i, value in enumerate(source):
-            yield from _checked(f"row {i}", value, problems)
+            yield from _checked(f"index {i}", value, problems)
         return
     path = Path(source)
     suffix = path.suffix.lower()
@@ -218,7 +239,7 @@ def read_records(
         import pyarrow.parquet as pq
 
         for i, value in enumerate(pq.read_table(path).to_pylist()):
-            yield from _checked(f"{path}:row {i}", value, problems)
+            yield from _checked(f"{path}, index {i}", value, problems)
     else:
         raise DataError(f"{path}: unknown file type {suffix!r}; use one of {READABLE_SUFFIXES}.")
 

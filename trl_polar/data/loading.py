@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import os
 
-from .io import DataError, iter_json_records
+from .io import DataError, iter_json_records, looks_like_path
 from .synthesis import store
 
 # File suffix -> `datasets` builder.
@@ -44,10 +44,15 @@ def load_preference_dataset(path_or_name: str, split: str = "train"):
             files = [str(f) for f in store.finished_shards(path_or_name)]
             return _load_files(_BUILDERS[os.path.splitext(files[0])[1].lower()], files, split)
         return load_dataset(path_or_name, split=split)
-    if path_or_name.startswith((".", "/", "~")):
+    if os.path.exists(path_or_name):
+        raise DataError(
+            f"{path_or_name}: a local file of a kind not read (suffix {suffix or 'none'!r}). Training and evaluation "
+            f"data is one of {sorted(_BUILDERS)}: write it as JSON Lines (one object per line) or rename it."
+        )
+    if looks_like_path(path_or_name):
         raise FileNotFoundError(
-            f"{path_or_name!r} looks like a local path but is neither a directory nor a file with a known suffix "
-            f"({sorted(_BUILDERS)})."
+            f"{path_or_name}: no such file or directory (looked from {os.getcwd()}). Check the path; data is read "
+            f"from {sorted(_BUILDERS)} files, build-data run directories or hub dataset names (org/name)."
         )
     name, _, config = path_or_name.partition(":")
     return load_dataset(name, config or None, split=split)

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..checks import check_positive_int
 from ..template import flatten
-from .io import DataError
+from .io import DataError, iter_json_records
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,13 @@ def load_corpus(source: Any, column: str, split: str = "train"):
     if isinstance(source, Dataset):
         dataset = source
     elif isinstance(source, Sequence) and not isinstance(source, str) and source and isinstance(source[0], Mapping):
-        dataset = Dataset.from_list(list(source))
+        try:
+            dataset = Dataset.from_list(list(source))
+        except Exception as err:  # pyarrow refuses a field holding text in one record and a number in another
+            raise DataError(
+                f"The records do not form one table ({type(err).__name__}: {err}); every record's {column!r} must "
+                "hold text (or messages, for instructions)."
+            ) from None
     else:
         files = [str(source)] if isinstance(source, (str, os.PathLike)) else [str(s) for s in source]
         if len(files) == 1 and os.path.isdir(files[0]):
@@ -147,6 +153,33 @@ def load_corpus(source: Any, column: str, split: str = "train"):
             "text_column= / --text-column (corpus) or instruction_column= / --instruction-column (instructions)."
         )
     return dataset
+
+
+def place(source: Any, index: int, name: str) -> str:
+    """Where record ``index`` of a corpus loaded from ``source`` is, for messages: ``FILE:LINE`` (1-based) in JSON
+    and text files, else ``name index N`` (a dataset, a list, Parquet).
+
+    >>> place([{"text": "a"}, {"text": 1}], 1, "corpus")
+    'corpus index 1'
+    """
+    files = [source] if isinstance(source, (str, os.PathLike)) else source
+    if not isinstance(files, Sequence) or not files or not all(isinstance(f, (str, os.PathLike)) for f in files):
+        return f"{name} index {index}"
+    remaining = index
+    for file in files:
+        suffix = os.path.splitext(str(file))[1].lower()
+        if suffix in (".json", ".jsonl"):
+            lines = (line for line, _ in iter_json_records(file))
+        elif suffix == ".txt":  # the text builder makes every line a document
+            with open(file, encoding="utf-8", errors="replace") as f:
+                lines = range(1, sum(1 for _ in f) + 1)
+        else:
+            break
+        for line in lines:
+            if remaining == 0:
+                return f"{file}:{line}"
+            remaining -= 1
+    return f"{name} index {index}"
 
 
 def _prefix(text: str, tokenizer: Any, length: int) -> tuple[str, int]:
@@ -214,9 +247,9 @@ def sample_prompts(corpus: Any, tokenizer: Any, config: PromptConfig | None = No
         )
     n_prefix, n_instr = _targets(config, len(docs), None if instr is None else len(instr))
     sampler = _Sampler(config)
-    sampler.prefixes(docs, tokenizer, n_prefix)
+    sampler.prefixes(docs, tokenizer, n_prefix, corpus)
     if n_instr:
-        sampler.instructions(instr, n_instr)
+        sampler.instructions(instr, n_instr, instructions)
     rows = sampler.rows
     _rng(config.seed, "mix").shuffle(rows)
     if sampler.counts:
@@ -270,7 +303,7 @@ class _Sampler:
                 taken += 1
         return taken
 
-    def prefixes(self, docs: Any, tokenizer: Any, wanted: int) -> None:
+    def prefixes(self, docs: Any, tokenizer: Any, wanted: int, source: Any = None) -> None:
         config, counts = self.config, self.counts
         column = docs[config.text_column]
 
@@ -278,7 +311,9 @@ class _Sampler:
             text = column[index]
             if not isinstance(text, str):
                 raise DataError(
-                    f"corpus row {index}: column {config.text_column!r} must hold text, got {type(text).__name__}."
+                    f"{place(source, index, 'corpus')}, field {config.text_column!r}: must hold text, got "
+                    f"{type(text).__name__}: {text!r:.40}. Write documents as strings, or name the text column with "
+                    "--text-column."
                 )
             if not text.strip():
                 counts["empty_documents"] += 1
@@ -302,11 +337,12 @@ class _Sampler:
                 f"documents; skipped: {dict(counts)}). Lower --num-prompts or add documents."
             )
 
-    def instructions(self, instr: Any, wanted: int) -> None:
+    def instructions(self, instr: Any, wanted: int, source: Any = None) -> None:
         column = instr[self.config.instruction_column]
 
         def candidate(index: int) -> dict[str, Any] | None:
-            messages = _instruction_messages(column[index], f"instruction row {index}")
+            where = f"{place(source, index, 'instructions')}, field {self.config.instruction_column!r}"
+            messages = _instruction_messages(column[index], where)
             if messages is None:
                 self.counts["empty_instructions"] += 1
                 return None

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..failures import FailurePolicy, describe
-from ..template import WRAPPERS, PolarTemplate, Text
+from ..template import WRAPPERS, PolarTemplate, Text, check_texts
 from .backends import BACKENDS, parse_scores
 
 logger = logging.getLogger(__name__)
@@ -332,11 +332,14 @@ class PolarClient:
         items, owners = [], []
         for i, triple in enumerate(zip(prompts, references, candidates, strict=True)):
             try:
+                # Text JSON cannot carry (a lone surrogate) is refused here, naming the field, before any request.
+                for name, value in zip(("prompts", "references", "candidates"), triple, strict=True):
+                    check_texts(value, f"{name}[{i}]")
                 items.append(backend.item(self.template, *triple, wrappers[i]))
                 owners.append(i)
             except ValueError as err:
                 if self.policy.on_error == "raise":
-                    raise ValueError(f"Item {i}: {err}") from err
+                    raise ValueError(f"Item at index {i}: {err}") from err
                 failures[i] = str(err)
         default = wrappers[0] if wrappers else self.wrapper
         spans = range(0, len(items), self.chunk_size)

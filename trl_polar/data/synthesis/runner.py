@@ -54,14 +54,14 @@ def prompt_rows(prompts: PromptSet | Sequence[Mapping[str, Any]]) -> list[dict[s
     out = []
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping) or "prompt" not in row:
-            raise DataError(f"prompt row {i}: needs a 'prompt' field (text or message list), got {row!r:.80}.")
+            raise DataError(f"prompts[{i}]: needs a 'prompt' field (text or message list), got {row!r:.80}.")
         value = row["prompt"]
         messages = row.get("messages")
         if messages is None and not isinstance(value, str):
             messages = [dict(m) for m in value]
         kind = row.get("kind") or ("instruction" if messages is not None else "prefix")
         if kind not in ("prefix", "instruction"):
-            raise DataError(f"prompt row {i}: kind must be 'prefix' or 'instruction', got {kind!r}.")
+            raise DataError(f"prompts[{i}], field 'kind': must be 'prefix' or 'instruction', got {kind!r}.")
         if kind == "instruction" and messages is None:
             messages = [{"role": "user", "content": value}]  # a chat policy answers it through its template
         out.append(
