@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -161,14 +162,14 @@ def _compile_backward(q, k, v, scaling) -> None:
     key = (q.device, q.dtype, q.shape[1], k.shape[1], q.shape[-1], scaling, *(t.requires_grad for t in (q, k, v)))
     if key in _BACKWARD_COMPILED:
         return
-    from .segment_attention import Segment
-
     length = MIN_FLEX_BLOCKS * FLEX_BLOCK
     probe = [
         torch.randn(1, t.shape[1], length, t.shape[-1], device=t.device, dtype=t.dtype).requires_grad_(t.requires_grad)
         for t in (q, k, v)
     ]
-    mask = flex_block_mask([Segment(0, length)], length, q.device)
+    # One segment over the whole probe, without context (flex_bounds reads only these four fields).
+    whole = SimpleNamespace(start=0, length=length, context_start=0, context_length=0)
+    mask = flex_block_mask([whole], length, q.device)
     # Identity saved-tensor hooks keep the probe's graph out of an enclosing activation checkpoint's hooks.
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         out = _call(*probe, mask, scaling, compiled=True)
