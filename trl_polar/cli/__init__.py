@@ -22,6 +22,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Help text is shown as written: rich markup would read "data[i].data" as an italic tag.
+    rich_markup_mode=None,
 )
 app.command()(info.version)
 app.command("format")(info.format_command)
@@ -32,6 +34,7 @@ app.command()(evaluate.evaluate)
 app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
     add_help_option=False,
+    cls=train.TrainCommand,
 )(train.train)
 app.command()(score.score)
 app.command()(quickstart.quickstart)
