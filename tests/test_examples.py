@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -30,3 +31,43 @@ def test_rl_example_trains_with_a_polar_reward(tmp_path, script, tiny_qwen2_rm_d
     means = re.findall(r"'rewards/polar_reward/mean': '([^']+)'", out.stdout + out.stderr)
     assert means and all(math.isfinite(float(m)) for m in means)
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_grpo_example_scores_with_a_served_reward(tmp_path, tiny_qwen2_rm_dir, tiny_qwen2_lm_dir):
+    pytest.importorskip("fastapi")
+    import httpx
+    from serving_helpers import API_KEY, start_servers
+
+    (server,) = start_servers((tiny_qwen2_rm_dir, ("--api-key", API_KEY)))
+    rows = [{"prompt": f"Question {i}: what is {i} + {i}?", "reference": str(2 * i)} for i in range(4)]
+    data = tmp_path / "rl.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    try:
+        out = subprocess.run(
+            [sys.executable, str(EXAMPLES / "grpo_polar.py"), "--model_name_or_path", tiny_qwen2_lm_dir,
+             "--reward_url", server.url, "--dataset", str(data), "--output_dir", str(tmp_path / "out"),
+             "--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generations", "4",
+             "--max_completion_length", "8", "--use_cpu", "--report_to", "none", "--logging_steps", "1"],
+            capture_output=True, text=True, timeout=300, check=False, cwd=EXAMPLES,
+            env={**os.environ, "TRL_POLAR_API_KEY": API_KEY},
+        )  # fmt: skip
+        metrics = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+    finally:
+        server.stop()
+    assert out.returncode == 0, out.stderr[-3000:]
+    means = re.findall(r"'rewards/polar_reward/mean': '([^']+)'", out.stdout + out.stderr)
+    assert means and all(math.isfinite(float(m)) for m in means)
+    # The 4 completions of the one step were scored by the server (it counts the items it scored).
+    scored = re.findall(r'^polar_items_total\{endpoint="/score"\} ([0-9.e+]+)$', metrics.text, re.M)
+    assert scored and float(scored[0]) >= 4
+
+
+def test_grpo_example_refuses_a_url_as_reward_model(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "grpo_polar.py"), "--model_name_or_path", "policy", "--reward_model",
+         "http://10.0.0.5:8000", "--dataset", "rl.jsonl", "--output_dir", str(tmp_path / "out"), "--use_cpu"],
+        capture_output=True, text=True, timeout=120, check=False, cwd=EXAMPLES,
+    )  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "--reward_url http://10.0.0.5:8000" in errors[0]
