@@ -178,3 +178,21 @@ def test_completions_as_content_parts_score_as_their_text(scorer):
     tool_call = {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "calc"}}]}
     out, _ = _call(reward, [P1, P1], [parts, [tool_call, *parts]], ["4", "4"])
     assert out == pytest.approx(scorer.score([P1], ["4"], ["4"]) * 2, abs=1e-6)
+
+
+def test_reward_model_loads_whole_while_a_zero3_run_is_registered(tiny_qwen2_rm_dir):
+    # Under ZeRO-3 TrainingArguments registers a DeepSpeed config that makes transformers partition every model it
+    # loads; the reward model is loaded outside it (tests/test_grpo_multiprocess.py runs the real 2-rank ZeRO-3 case).
+    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+
+    from trl_polar.rewards import PolarReward
+
+    config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        assert is_deepspeed_zero3_enabled()
+        reward = PolarReward(tiny_qwen2_rm_dir, device="cpu")
+        embedding = reward.scorer.model.get_input_embeddings().weight
+        assert embedding.dim() == 2 and embedding.shape[0] > 0
+        assert is_deepspeed_zero3_enabled(), "the run's DeepSpeed config must be registered again afterwards"
+    finally:
+        del config

@@ -14,6 +14,7 @@ from . import checkpoints, evaluate, info, quickstart, scaling, score, train
 from .check_engine import check_engine_command
 from .data import build_data_command, convert_data_command
 from .errors import CLIError
+from .preflight import preflight_command
 from .serve import serve_command
 
 app = typer.Typer(
@@ -42,6 +43,7 @@ app.command("build-data")(build_data_command)
 app.command("convert-data")(convert_data_command)
 app.command("serve")(serve_command)
 app.command("check-engine")(check_engine_command)
+app.command("preflight")(preflight_command)
 
 __all__ = ["CLIError", "app", "main"]
 
