@@ -70,17 +70,23 @@ def _internlm2_weights(vocab: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@pytest.fixture(scope="module")
-def sentencepiece_checkpoint(tmp_path_factory) -> Path:
-    """An InternLM2-format POLAR checkpoint with a SentencePiece tokenizer that ships as code."""
-    src = tmp_path_factory.mktemp("polar-sp")
-    sp = spm.SentencePieceProcessor(model_file=str(_sentencepiece_model(src)))
-    shutil.copy(TOKENIZER_CODE, src / TOKENIZER_CODE.name)
-    (src / "tokenizer_config.json").write_text(json.dumps({
+def write_sentencepiece_tokenizer(directory: Path):
+    """A SentencePiece model and the tokenizer module that loads it, as the released checkpoints ship theirs."""
+    sp = spm.SentencePieceProcessor(model_file=str(_sentencepiece_model(directory)))
+    shutil.copy(TOKENIZER_CODE, directory / TOKENIZER_CODE.name)
+    (directory / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "InternLM2Tokenizer",
         "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]},
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>",
     }))  # fmt: skip
+    return sp
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_checkpoint(tmp_path_factory) -> Path:
+    """An InternLM2-format POLAR checkpoint with a SentencePiece tokenizer that ships as code."""
+    src = tmp_path_factory.mktemp("polar-sp")
+    sp = write_sentencepiece_tokenizer(src)
     save_file(_internlm2_weights(sp.get_piece_size()), str(src / "model.safetensors"))
     (src / "config.json").write_text(json.dumps({
         "architectures": ["InternLM2ForRewardModel"], "model_type": "internlm2",
