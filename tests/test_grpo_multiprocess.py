@@ -93,7 +93,8 @@ def _launch(kind, policy_dir, rm_dir, out_dir: Path, config_file: Path | None = 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
-ZERO3 = Path(__file__).resolve().parents[1] / "examples" / "accelerate_configs" / "deepspeed_zero3.yaml"
+# docs/rl.md's 7B recipe config, run at 2 CPU ranks (the launch overrides its 8 processes and bf16).
+ZERO3 = Path(__file__).resolve().parents[1] / "examples" / "accelerate_configs" / "grpo_7b_zero3.yaml"
 _DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 
 
@@ -127,3 +128,15 @@ def test_two_process_rl_rewards_match_scorer(kind, config_file, tmp_path, tiny_q
     logged = [h for h in history if "polar_reward/raw_mean" in h]
     assert logged, "raw reward statistics must reach TRL's logs"
     assert any("rewards/polar_reward/mean" in h for h in history)
+
+
+def test_the_7b_grpo_config_is_an_eight_gpu_zero3_config():
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    config = ClusterConfig.from_yaml_file(str(ZERO3))
+    assert config.distributed_type == DistributedType.DEEPSPEED
+    assert config.deepspeed_config["zero_stage"] == 3 and config.deepspeed_config["zero3_init_flag"]
+    assert config.deepspeed_config["zero3_save_16bit_model"]  # a loadable policy checkpoint at the end
+    assert (config.num_processes, config.num_machines, config.mixed_precision) == (8, 1, "bf16")
+    assert not config.use_cpu

@@ -15,9 +15,17 @@ def convert(
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: as stored).")] = None,
 ) -> None:
     """Convert an official InternLM2 POLAR checkpoint to a Llama reward model that needs no remote code."""
-    from ..checkpoints import convert_checkpoint
-    from ..hub import resolve_dtype
+    import os
 
+    from ..checkpoints import convert_checkpoint
+    from ..hub import has_tokenizer_files, resolve_dtype
+    from .errors import CLIError
+
+    if tokenizer is None and os.path.isdir(src) and not has_tokenizer_files(src):
+        raise CLIError(
+            f"{src} has no tokenizer files: pass --tokenizer with the checkpoint's tokenizer (a directory or hub "
+            "name, e.g. internlm/POLAR-7B)."
+        )
     # Conversion runs on the CPU, so "auto" is float32 here.
     torch_dtype = resolve_dtype(dtype, "cpu", name="--dtype")
     path = convert_checkpoint(src, out, tokenizer=tokenizer, dtype=torch_dtype)
