@@ -71,3 +71,35 @@ def test_grpo_example_refuses_a_url_as_reward_model(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     errors = [line for line in out.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "--reward_url http://10.0.0.5:8000" in errors[0]
+
+
+def test_the_7b_grpo_recipe_of_docs_rl_uses_only_flags_the_script_takes():
+    import importlib.util
+    import shlex
+
+    from transformers import HfArgumentParser
+    from trl import GRPOConfig
+
+    text = (EXAMPLES.parent / "docs" / "rl.md").read_text()
+    section = text[text.index("## GRPO at 7B on 8 GPUs") : text.index("## Pre-flight")]
+    commands = re.findall(r"```bash\n(.*?)```", section, re.S)
+    launch = " ".join(line.rstrip("\\ ") for line in commands[0].splitlines() if not line.startswith("trl-polar"))
+    argv = shlex.split(launch)
+    argv = argv[argv.index(next(a for a in argv if a.endswith("grpo_polar.py"))) + 1 :]
+    spec = importlib.util.spec_from_file_location("grpo_polar", EXAMPLES / "grpo_polar.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["grpo_polar"] = module  # dataclasses resolve the script's annotations through sys.modules
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules["grpo_polar"]
+    parser = HfArgumentParser((module.PolarRLArguments, GRPOConfig))
+    namespace, unknown = parser.parse_known_args(argv)
+    assert not unknown, f"docs/rl.md's 7B command passes flags grpo_polar.py does not take: {unknown}"
+    assert namespace.vllm_mode == "colocate" and namespace.reward_model == "./POLAR-7B-llama"
+    assert "grpo_7b_zero3.yaml" in launch
+    # The served variant: the same script with two replicas.
+    served = shlex.split(" ".join(line.rstrip("\\ ") for line in commands[1].splitlines() if "grpo_polar" in line))
+    urls = served[served.index("--reward_urls") + 1 : served.index("...")]
+    required = ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o"]
+    assert parser.parse_known_args([*required, "--reward_urls", *urls])[0].reward_urls == urls
