@@ -69,3 +69,24 @@ def test_evaluate_takes_the_key_as_a_flag(protected, rows, tmp_path, tiny_qwen2_
     chosen = local.score([r["prompt"] for r in rows], [r["reference"] for r in rows], [r["chosen"] for r in rows])
     rejected = local.score([r["prompt"] for r in rows], [r["reference"] for r in rows], [r["rejected"] for r in rows])
     assert report["accuracy"] == pytest.approx(sum(c > r for c, r in zip(chosen, rejected)) / len(rows))
+
+
+def test_openrlhf_reward_file_takes_replicas_and_the_key_from_the_environment(protected, tiny_qwen2_rm_dir,
+                                                                              monkeypatch):  # fmt: skip
+    # docs/serving.md, "Replicas for OpenRLHF": TRL_POLAR_URL=a,b and TRL_POLAR_API_KEY in the reward file's
+    # environment. The second replica is down: every rollout is still scored once, by the live one.
+    from serving_helpers import free_port
+
+    from trl_polar.integrations import openrlhf
+
+    monkeypatch.setenv("TRL_POLAR_URL", f"{protected.url},http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("TRL_POLAR_API_KEY", API_KEY)
+    monkeypatch.delenv("TRL_POLAR_MODEL", raising=False)
+    prompts = ["What is 2 + 2?", "Name a colour.", "Say hello."]
+    responses, references = ["It is 4.", "Blue.", "Hello!"], ["4", "Red", "Hi."]
+    got = [
+        float(openrlhf.reward_func([p + r], [p], [ref])["rewards"][0])
+        for p, r, ref in zip(prompts, responses, references)
+    ]
+    local = PolarScorer(tiny_qwen2_rm_dir, device="cpu", dtype="fp32")
+    assert got == pytest.approx(local.score(prompts, references, responses), abs=1e-4)
