@@ -6,9 +6,12 @@ With a real model, `trl-polar format --model internlm/POLAR-7B --prompt ... --re
 prints the same for that model's tokenizer.
 """
 
+import argparse
+
 from trl_polar import PolarTemplate
 from trl_polar.tiny import build_tiny_tokenizer
 
+argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 template = PolarTemplate(build_tiny_tokenizer(), max_length=64, max_response_length=16)
 rows = [
     ("How many 'r's are in the word 'strawberry'?", "3.", "There are three 'r's in the word 'strawberry'."),

@@ -57,8 +57,9 @@ def test_pretraining_then_fine_tuning_commands_of_docs_training(workdir):
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 def test_readme_train_command(workdir):
-    # README.md: accelerate launch --config_file deepspeed_zero2.yaml -m trl_polar.cli train ...
-    _run([*ACCELERATE, "--config_file", ZERO2, "-m", "trl_polar.cli", "train", "--model_name_or_path", "lm",
-          "--train_data", "pretrain.jsonl", "--output_dir", "polar-rm", "--bf16", "true",
+    # README.md: pre-training with the recipe on ZeRO-2 (the model and data swapped for tiny ones).
+    _run([*ACCELERATE, "--config_file", ZERO2, "-m", "trl_polar.cli", "train", "--recipe", "polar-pretrain",
+          "--params", "1.7e9", "--base-tokens", "36e12", "--rm-tokens", "10e9", "--model_name_or_path", "lm",
+          "--train_data", "pretrain.jsonl", "--output_dir", "polar-1.7b-base", "--bf16", "true",
           "--use_cpu"], workdir)  # fmt: skip
-    assert (workdir / "polar-rm" / "config.json").is_file()
+    assert (workdir / "polar-1.7b-base" / "config.json").is_file()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -75,25 +76,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(kind, policy_dir, rm_dir, out_dir: Path):
+def _launch(kind, policy_dir, rm_dir, out_dir: Path, config_file: Path | None = None):
     script = out_dir / "rl_run.py"
     script.write_text(SCRIPT, encoding="utf-8")
     env = dict(
         os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
     )
+    distributed = ["--config_file", str(config_file)] if config_file else ["--multi_gpu"]
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        sys.executable, "-m", "accelerate.commands.launch", *distributed, "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(_free_port()),
         str(script), kind, policy_dir, rm_dir, str(out_dir),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
-@pytest.mark.parametrize("kind", ["grpo", "rloo"])
-def test_two_process_rl_rewards_match_scorer(kind, tmp_path, tiny_qwen2_lm_dir, tiny_qwen2_rm_dir):
-    _launch(kind, tiny_qwen2_lm_dir, tiny_qwen2_rm_dir, tmp_path)
+# docs/rl.md's 7B recipe config, run at 2 CPU ranks (the launch overrides its 8 processes and bf16).
+ZERO3 = Path(__file__).resolve().parents[1] / "examples" / "accelerate_configs" / "grpo_7b_zero3.yaml"
+_DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+
+
+@pytest.mark.parametrize(
+    "kind,config_file",
+    [("grpo", None), ("rloo", None), pytest.param("grpo", ZERO3, id="grpo-zero3", marks=_DEEPSPEED)],
+)
+def test_two_process_rl_rewards_match_scorer(kind, config_file, tmp_path, tiny_qwen2_lm_dir, tiny_qwen2_rm_dir):
+    # Under ZeRO-3 the policy is partitioned across the ranks; the reward model must not be: each rank scores with
+    # a whole copy, so its rewards equal a single-process PolarScorer's.
+    _launch(kind, tiny_qwen2_lm_dir, tiny_qwen2_rm_dir, tmp_path, config_file)
     records = {}
     for rank in (0, 1):
         path = tmp_path / f"rewards_rank{rank}.jsonl"
@@ -116,3 +128,15 @@ def test_two_process_rl_rewards_match_scorer(kind, tmp_path, tiny_qwen2_lm_dir, 
     logged = [h for h in history if "polar_reward/raw_mean" in h]
     assert logged, "raw reward statistics must reach TRL's logs"
     assert any("rewards/polar_reward/mean" in h for h in history)
+
+
+def test_the_7b_grpo_config_is_an_eight_gpu_zero3_config():
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    config = ClusterConfig.from_yaml_file(str(ZERO3))
+    assert config.distributed_type == DistributedType.DEEPSPEED
+    assert config.deepspeed_config["zero_stage"] == 3 and config.deepspeed_config["zero3_init_flag"]
+    assert config.deepspeed_config["zero3_save_16bit_model"]  # a loadable policy checkpoint at the end
+    assert (config.num_processes, config.num_machines, config.mixed_precision) == (8, 1, "bf16")
+    assert not config.use_cpu

@@ -204,3 +204,21 @@ def test_the_reward_cuts_a_long_completion_as_training_did(tmp_path, tiny_qwen2_
         expected[side] = PolarScorer(scorer.model, template, device="cpu").score(["2+2?"], ["4"], [long])[0]
     assert rewards[0] == pytest.approx(expected["right"], abs=1e-6)
     assert abs(expected["right"] - expected["left"]) > 1e-3  # the two sides score differently here
+
+
+def test_reward_model_loads_whole_while_a_zero3_run_is_registered(tiny_qwen2_rm_dir):
+    # Under ZeRO-3 TrainingArguments registers a DeepSpeed config that makes transformers partition every model it
+    # loads; the reward model is loaded outside it (tests/test_grpo_multiprocess.py runs the real 2-rank ZeRO-3 case).
+    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+
+    from trl_polar.rewards import PolarReward
+
+    config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        assert is_deepspeed_zero3_enabled()
+        reward = PolarReward(tiny_qwen2_rm_dir, device="cpu")
+        embedding = reward.scorer.model.get_input_embeddings().weight
+        assert embedding.dim() == 2 and embedding.shape[0] > 0
+        assert is_deepspeed_zero3_enabled(), "the run's DeepSpeed config must be registered again afterwards"
+    finally:
+        del config

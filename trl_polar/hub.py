@@ -87,13 +87,17 @@ def allow_remote_code(source: str | os.PathLike, requested: bool = False, *, tok
     return requested
 
 
+def has_tokenizer_files(directory: str | os.PathLike) -> bool:
+    """Whether a local directory holds tokenizer files (tokenizer*, vocab*, merges*, a SentencePiece *.model)."""
+    names = os.listdir(directory)
+    return any(name.startswith(("tokenizer", "vocab", "merges")) or name.endswith(".model") for name in names)
+
+
 def load_tokenizer(source: str | os.PathLike, trust_remote_code: bool = False):
     """`AutoTokenizer.from_pretrained`, with remote code decided by `allow_remote_code`."""
     from transformers import AutoTokenizer
 
-    if os.path.isdir(source) and not any(
-        name.startswith(("tokenizer", "vocab", "merges")) or name.endswith(".model") for name in os.listdir(source)
-    ):
+    if os.path.isdir(source) and not has_tokenizer_files(source):
         raise ValueError(f"{source} has no tokenizer files; pass `tokenizer=` (a tokenizer or its path or hub name).")
     remote = allow_remote_code(source, trust_remote_code, tokenizer=True)
     return AutoTokenizer.from_pretrained(source, trust_remote_code=remote)

@@ -11,6 +11,7 @@ It is deliberately a plain class and not an ``nn.Module``: TRL treats any module
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -18,7 +19,7 @@ import re
 import statistics
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -182,6 +183,28 @@ class _Attempts:
         self.pending = []
 
 
+@contextlib.contextmanager
+def _outside_zero3() -> Iterator[None]:
+    """Load a model whole on this rank even while a ZeRO-3 run is set up.
+
+    Under ZeRO-3, transformers builds every model inside DeepSpeed's ``zero.Init`` (it asks the global DeepSpeed
+    config that TrainingArguments registers), which partitions its weights across the ranks. The policy wants that;
+    the reward model, which no DeepSpeed engine wraps, would be left with empty shards on every rank. The config is
+    unregistered while the reward model loads, and restored after.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:
+        yield
+        return
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
+
+
 class PolarReward:
     """POLAR reward for TRL's GRPO/RLOO: ``r(prompt, reference, completion)``, reference from a dataset column.
 
@@ -290,7 +313,8 @@ class PolarReward:
 
             if isinstance(self._source, (str, os.PathLike)) and "device" not in self._scorer_kwargs:
                 _warn_if_no_accelerator(self._source)
-            self._scorer = PolarScorer(self._source, **self._scorer_kwargs)
+            with _outside_zero3():
+                self._scorer = PolarScorer(self._source, **self._scorer_kwargs)
         return self._scorer
 
     def __getstate__(self) -> dict[str, Any]:

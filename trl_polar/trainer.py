@@ -32,6 +32,7 @@ from .config import PolarConfig
 from .data.loading import load_preference_dataset
 from .losses import bradley_terry_loss, plackett_luce_loss, ranking_accuracy
 from .modeling import prepare_reward_model, value_head
+from .movement import MovementCheck
 from .segment_attention import Segment, SegmentLayout, flex_available, has_sliding_window, use_segment_attention
 from .template import PolarTemplate
 
@@ -48,7 +49,8 @@ MISSING_REFERENCE = (
     "for pre-training, sample two answers from one policy (`reference`, `chosen`) and one from another policy "
     "(`rejected`); for a 3-way human ranking use rank 1 as `reference`, rank 2 as `chosen`, rank 3 as `rejected`; "
     "for a dataset with a gold answer (e.g. GSM8K), use it as `reference`, e.g. "
-    "`dataset = dataset.rename_column('answer', 'reference')`."
+    "`dataset = dataset.rename_column('answer', 'reference')`. Rankings (`prompt` and `responses`, best first) "
+    "become such rows with `trl-polar convert-data rows.jsonl --format ranked --out train.jsonl`."
 )
 
 
@@ -143,6 +145,7 @@ class PolarRewardTrainer(RewardTrainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
             peft_config=peft_config,
         )
+        self.add_callback(MovementCheck())
 
     # --------------------------------------------------------------------------------------------------- model
     @staticmethod

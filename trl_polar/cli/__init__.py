@@ -15,6 +15,7 @@ from .check_engine import check_engine_command
 from .check_verl import check_verl_command
 from .data import build_data_command, convert_data_command
 from .errors import CLIError
+from .preflight import preflight_command
 from .serve import serve_command
 
 app = typer.Typer(
@@ -23,6 +24,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Help text is shown as written: rich markup would read "data[i].data" as an italic tag.
+    rich_markup_mode=None,
 )
 app.command()(info.version)
 app.command("format")(info.format_command)
@@ -33,6 +36,7 @@ app.command()(evaluate.evaluate)
 app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
     add_help_option=False,
+    cls=train.TrainCommand,
 )(train.train)
 app.command()(score.score)
 app.command()(quickstart.quickstart)
@@ -41,6 +45,7 @@ app.command("convert-data")(convert_data_command)
 app.command("serve")(serve_command)
 app.command("check-engine")(check_engine_command)
 app.command("check-verl")(check_verl_command)
+app.command("preflight")(preflight_command)
 
 __all__ = ["CLIError", "app", "main"]
 

@@ -29,7 +29,8 @@ _InstructionShare = _option(float | None, "Share of prompts drawn from --instruc
                             "with --instructions and two chat policies in the pool, else 0).")  # fmt: skip
 _TextColumn = _option(str, "Corpus column holding the documents.")
 _InstructionColumn = _option(str, "Instruction column (text or messages).")
-_Tokenizer = _option(str | None, "Tokenizer measuring prefix lengths (default: the first policy's).")
+_Tokenizer = _option(str | None, "Tokenizer measuring prefix lengths and counting the manifest's tokens (default: "
+                     "the first policy's).")  # fmt: skip
 _MaxPrefixTokens = _option(int, "Longest prompt prefix in tokens (paper: 1024).")
 _Backend = _option(str, f"Generation backend: {' | '.join(BACKENDS)}.")
 _BatchSize = _option(int, "Prompts per generate call (transformers backend).")
@@ -46,6 +47,9 @@ _ChatOnPrefixes = _option(bool, "Let chat policies continue raw-text prefixes to
 _Dtype = _option(str, "Model dtype: auto | bfloat16 | float16 | float32.")
 _MaxLoadedPolicies = _option(int, "Policies held in memory at once.")
 _NoProgress = _option(bool, "Hide progress bars.")
+_TrustRemoteCode = _option(bool, "Run the code a policy's (or the tokenizer's) repository ships, e.g. "
+                           "InternLM2's. Off: such a policy stops the run with an error; nothing asks on the "
+                           "terminal.")  # fmt: skip
 
 
 def build_data_command(
@@ -74,13 +78,15 @@ def build_data_command(
     dtype: _Dtype = "auto",
     max_loaded_policies: _MaxLoadedPolicies = 2,
     no_progress: _NoProgress = False,
+    trust_remote_code: _TrustRemoteCode = False,
 ) -> None:
     """Synthesise POLAR pre-training triples: prompts from a corpus, answered by a pool of policies (A, A, B)."""
     from ..data.prompts import PromptConfig, default_instruction_share
     from ..data.synthesis import Policy, SamplingConfig, SynthesisConfig, synthesize
+    from ..data.synthesis.store import read_manifest
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    pool = [Policy.parse(spec) for spec in policies]
+    pool = [Policy.parse(spec, trust_remote_code) for spec in policies]
     if instruction_share is None:
         chat = sum(p.kind == "chat" for p in pool)
         instruction_share = default_instruction_share(bool(instructions), chat)
@@ -92,26 +98,31 @@ def build_data_command(
     prompt_config = PromptConfig(num_prompts=num_prompts, max_prefix_tokens=max_prefix_tokens,
                                  instruction_share=instruction_share, text_column=text_column,
                                  instruction_column=instruction_column, seed=seed)  # fmt: skip
-    prompts = _sample(corpus, instructions, tokenizer or pool[0].path, prompt_config)
+    prompts = _sample(corpus, instructions, tokenizer or pool[0].path, prompt_config, trust_remote_code)
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                               incomplete_endings=incomplete_endings, trim_loops=not no_loop_trimming)  # fmt: skip
     config = SynthesisConfig(out_dir=str(out), policies=pool, seed=seed, shard_size=shard_size,
                              output_format=output_format, backend=backend, batch_size=batch_size, dtype=dtype,
                              chat_on_prefixes=chat_on_prefixes, max_loaded_policies=max_loaded_policies,
-                             progress=not no_progress, sampling=sampling)  # fmt: skip
+                             progress=not no_progress, sampling=sampling, token_tokenizer=tokenizer,
+                             trust_remote_code=trust_remote_code)  # fmt: skip
     result = synthesize(prompts, config)
     totals = dict(result.totals)
     totals.update({f"prompt_sampling_{k}": v for k, v in prompts.counts.items()})
-    typer.echo(json.dumps({"out": str(result.out_dir), "complete": result.complete, "counts": totals}))
+    tokens = read_manifest(result.out_dir).get("tokens")
+    typer.echo(json.dumps({"out": str(result.out_dir), "complete": result.complete, "tokens": tokens,
+                           "counts": totals}))  # fmt: skip
 
 
-def _sample(corpus: list[Path], instructions: list[Path] | None, tokenizer: str, config: Any) -> Any:
+def _sample(corpus: list[Path], instructions: list[Path] | None, tokenizer: str, config: Any, trust: bool) -> Any:
     from transformers import AutoTokenizer
 
     from ..data.prompts import sample_prompts
 
     files = [str(p) for p in instructions] if instructions else None
-    return sample_prompts([str(p) for p in corpus], AutoTokenizer.from_pretrained(tokenizer), config, files)
+    # trust_remote_code is always explicit: with None, transformers asks on the terminal (and hangs on 8 ranks).
+    measure = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust)
+    return sample_prompts([str(p) for p in corpus], measure, config, files)
 
 
 def convert_data_command(

@@ -9,6 +9,7 @@ import typer
 
 from ..atomic import check_destination
 from .errors import CLIError
+from .remote import ApiKey, server_client, server_errors
 
 
 def evaluate(
@@ -16,13 +17,14 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="Directory for report.json, summary.md and plots.")],
     model: Annotated[str | None, typer.Option(help="A POLAR reward model to score with locally.")] = None,
     url: Annotated[str | None, typer.Option(help="Or a trl-polar server to score with.")] = None,
+    api_key: ApiKey = None,
     protocol: Annotated[str, typer.Option(help="auto, pairwise, best_of_n or rmb.")] = "auto",
     split: Annotated[
         str | None,
         typer.Option(help="Dataset split (or slice, e.g. train[:1000]); default: train, or that of --benchmark."),
     ] = None,
     category_column: Annotated[str, typer.Option(help="Report accuracy per value of this column.")] = "category",
-    max_tokens_per_batch: Annotated[int, typer.Option(help="Token budget of one scoring micro-batch.")] = 32768,
+    max_tokens_per_batch: Annotated[int, typer.Option(help="Token budget of one scoring micro-batch.")] = 16384,
     plots: Annotated[bool, typer.Option(help="Write PNG plots (needs matplotlib).")] = True,
     max_rows: Annotated[
         int | None, typer.Option(help="Judge a sample of this many rows, stratified by the category column.")
@@ -59,22 +61,22 @@ def evaluate(
         # The evaluation's own bar spans the whole run; the scorer's would restart at every scoring call.
         scorer = PolarScorer(model, max_tokens_per_batch=max_tokens_per_batch, dtype="auto", show_progress=False)
     else:
-        from ..serving.client import PolarClient
-
-        scorer = PolarClient(url=url)
+        scorer = server_client(url, api_key)
     if benchmark is not None:
-        return _evaluate_benchmark(scorer, benchmark, data, conversion, out, plots)
+        with server_errors(url):
+            return _evaluate_benchmark(scorer, benchmark, data, conversion, out, plots)
     rows = load_preference_dataset(data, split=split or "train")
     try:
-        report = run_evaluation(
-            scorer,
-            rows,
-            protocol=protocol,
-            category_column=category_column,
-            max_rows=max_rows,
-            seed=seed,
-            show_progress=True,
-        )
+        with server_errors(url):
+            report = run_evaluation(
+                scorer,
+                rows,
+                protocol=protocol,
+                category_column=category_column,
+                max_rows=max_rows,
+                seed=seed,
+                show_progress=True,
+            )
     except ValueError as err:
         raise CLIError(f"{data}: {err}") from None
     paths = write_report(report, out, plots=plots)

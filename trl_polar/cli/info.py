@@ -34,15 +34,16 @@ def read_row(path: Path, row: int) -> dict[str, Any]:
 
 
 def _template(model: str | None, tokenizer: str | None, overrides: dict[str, Any]):
+    from ..hub import load_tokenizer
     from ..template import PolarTemplate
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    loaded = load_tokenizer(tokenizer) if tokenizer else None
     if model:
-        return PolarTemplate.from_pretrained(model, **overrides)
-    if tokenizer:
-        from ..hub import load_tokenizer
-
-        return PolarTemplate(load_tokenizer(tokenizer), **overrides)
+        # The model's recorded template, read with --tokenizer when given (e.g. a checkpoint saved without one).
+        return PolarTemplate.from_pretrained(model, tokenizer=loaded, **overrides)
+    if loaded is not None:
+        return PolarTemplate(loaded, **overrides)
     raise CLIError("Pass --model (a POLAR reward model) or --tokenizer (a tokenizer with the POLAR tokens).")
 
 
@@ -58,7 +59,9 @@ def format_command(
     model: Annotated[
         str | None, typer.Option(help="A POLAR reward model: its tokenizer and recorded template.")
     ] = None,
-    tokenizer: Annotated[str | None, typer.Option(help="A tokenizer that has the POLAR tokens.")] = None,
+    tokenizer: Annotated[
+        str | None, typer.Option(help="A tokenizer that has the POLAR tokens; with --model, used instead of its own.")
+    ] = None,
     wrapper: Annotated[str, typer.Option(help="'sft' (default) or 'pretrain'.")] = "sft",
     max_length: Annotated[int | None, typer.Option(help="Override the total token budget.")] = None,
     max_response_length: Annotated[int | None, typer.Option(help="Override the per-response budget.")] = None,

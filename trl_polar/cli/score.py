@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from .errors import CLIError
+from .remote import ApiKey, server_client, server_errors
 
 
 def score(
@@ -18,6 +19,7 @@ def score(
     output: Annotated[Path, typer.Option(help="Output JSON lines: each input row plus 'reward'.")],
     model: Annotated[str | None, typer.Option(help="A POLAR reward model to score with locally.")] = None,
     url: Annotated[str | None, typer.Option(help="Or a trl-polar server to score with.")] = None,
+    api_key: ApiKey = None,
     candidate_column: Annotated[str | None, typer.Option(help="Column of the answer (default: detected).")] = None,
     prompt_column: Annotated[str, typer.Option(help="Column of the prompt.")] = "prompt",
     reference_column: Annotated[str, typer.Option(help="Column of the reference answer.")] = "reference",
@@ -34,27 +36,23 @@ def score(
 
     if (model is None) == (url is None):
         raise CLIError("Pass exactly one of --model (score locally) or --url (score with a server).")
-    if url is not None:
-        from ..serving.client import PolarClient
-
-        scorer: Any = PolarClient(url=url)
-    else:
-        scorer = model
+    scorer: Any = server_client(url, api_key) if url is not None else model
     try:
-        summary = score_file(
-            scorer,
-            data,
-            output,
-            prompt_column=prompt_column,
-            reference_column=reference_column,
-            candidate_column=candidate_column,
-            output_column=output_column,
-            overwrite=overwrite,
-            max_tokens_per_batch=max_tokens_per_batch,
-            device=device,
-            dtype=dtype,
-            show_progress=True,
-        )
+        with server_errors(url):
+            summary = score_file(
+                scorer,
+                data,
+                output,
+                prompt_column=prompt_column,
+                reference_column=reference_column,
+                candidate_column=candidate_column,
+                output_column=output_column,
+                overwrite=overwrite,
+                max_tokens_per_batch=max_tokens_per_batch,
+                device=device,
+                dtype=dtype,
+                show_progress=True,
+            )
     except ScoringInterrupted as interrupted:
         typer.echo(f"Error: {interrupted}", err=True)
         raise typer.Exit(130) from None

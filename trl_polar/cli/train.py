@@ -7,12 +7,14 @@ The training itself is `trl_polar.trainer.train_from_config`.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 from .errors import CLIError
 
@@ -71,7 +73,46 @@ def train_parser():
 
     from ..config import PolarConfig
 
-    return HfArgumentParser((TrainArguments, PolarConfig))
+    parser = HfArgumentParser((TrainArguments, PolarConfig))
+    # argparse reads help strings as %-format strings: a plain "3% warmup" would break --help.
+    for action in parser._actions:
+        if action.help:
+            action.help = re.sub(r"%(?![(%])", "%%", action.help)
+    return parser
+
+
+def train_flags_markdown() -> str:
+    """Every flag of a training run, as a markdown list (the generated docs/cli.md shows it under `train`)."""
+    lines = ["**Training flags** (each is also a key of the `--config` YAML file, without the dashes):", ""]
+    for action in train_parser()._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        lines.append(f"* `{action.option_strings[0]}{_metavar(action)}`: {' '.join((action.help or '').split())}")
+        if action.default not in (None, "") and not action.required:
+            lines[-1] += f" [default: {action.default}]"
+        lines[-1] = lines[-1].replace("%%", "%")
+    return "\n".join(lines)
+
+
+def _metavar(action: Any) -> str:
+    if action.nargs == 0:
+        return ""
+    if action.choices:
+        return " {" + ",".join(map(str, action.choices)) + "}"
+    name = getattr(action.type, "__name__", "str")
+    return " BOOL" if name == "string_to_bool" else f" {name.upper()}"
+
+
+class TrainCommand(TyperCommand):
+    """The `train` command: its epilog lists the training flags, built only when asked for (by the docs)."""
+
+    @property
+    def epilog(self) -> str:
+        return train_flags_markdown()
+
+    @epilog.setter
+    def epilog(self, value: str | None) -> None:
+        pass
 
 
 def parse_train_args(argv: Sequence[str], config_file: str | None = None) -> tuple[TrainArguments, PolarConfig]:

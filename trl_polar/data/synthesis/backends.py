@@ -73,9 +73,10 @@ class TransformersBackend:
     name = "transformers"
 
     def __init__(self, batch_size: int = 16, device: Any = None, dtype: str = "auto", max_loaded: int = 2,
-                 progress: bool = False) -> None:  # fmt: skip
+                 progress: bool = False, trust_remote_code: bool = False) -> None:  # fmt: skip
         import torch
 
+        self.trust_remote_code = trust_remote_code
         self.batch_size = batch_size
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
@@ -95,12 +96,15 @@ class TransformersBackend:
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-        tokenizer = AutoTokenizer.from_pretrained(policy.path)
+        # Always explicit: with None, transformers asks on the terminal about repositories that ship code.
+        remote = self.trust_remote_code
+        tokenizer = AutoTokenizer.from_pretrained(policy.path, trust_remote_code=remote)
         tokenizer.padding_side = "left"  # decoder-only generation appends after the prompt: pad on the left
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         dtype = self.dtype if self.dtype == "auto" else getattr(torch, self.dtype)
-        model = AutoModelForCausalLM.from_pretrained(policy.path, dtype=dtype).to(self.device).eval()
+        model = AutoModelForCausalLM.from_pretrained(policy.path, dtype=dtype, trust_remote_code=remote)
+        model = model.to(self.device).eval()
         self._loaded[policy.name] = (model, tokenizer)
         return model, tokenizer
 
@@ -164,7 +168,13 @@ class VLLMBackend:
 
     name = "vllm"
 
-    def __init__(self, dtype: str = "auto", gpu_memory_utilization: float = 0.85, **llm_kwargs: Any) -> None:
+    def __init__(
+        self,
+        dtype: str = "auto",
+        gpu_memory_utilization: float = 0.85,
+        trust_remote_code: bool = False,
+        **llm_kwargs: Any,
+    ) -> None:
         try:
             import vllm  # noqa: F401 - imported here so that the rest of trl_polar never needs vLLM
         except ImportError as e:
@@ -172,7 +182,11 @@ class VLLMBackend:
                 "The vLLM backend needs vLLM: pip install 'trl-polar[vllm]' (GPU only), or use backend='transformers'."
             ) from e
         self.dtype = dtype
-        self.llm_kwargs = {"gpu_memory_utilization": gpu_memory_utilization, **llm_kwargs}
+        self.llm_kwargs = {
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "trust_remote_code": trust_remote_code,
+            **llm_kwargs,
+        }
         self._policy: Policy | None = None
         self._llm: Any = None
 
@@ -223,11 +237,12 @@ class VLLMBackend:
 
 def make_backend(config: SynthesisConfig, device: Any = None) -> GenerationBackend:
     if config.backend == "vllm":
-        return VLLMBackend(dtype=config.dtype)
+        return VLLMBackend(dtype=config.dtype, trust_remote_code=config.trust_remote_code)
     return TransformersBackend(
         batch_size=config.batch_size,
         device=device,
         dtype=config.dtype,
         max_loaded=config.max_loaded_policies,
         progress=config.progress,
+        trust_remote_code=config.trust_remote_code,
     )

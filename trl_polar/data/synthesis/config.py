@@ -26,8 +26,11 @@ class Policy:
             raise ValueError(f"Policy {self.name!r}: kind must be one of {POLICY_KINDS}, got {self.kind!r}.")
 
     @classmethod
-    def parse(cls, spec: str) -> Policy:
+    def parse(cls, spec: str, trust_remote_code: bool = False) -> Policy:
         """Parse ``[NAME=]PATH[:base|:chat]``; without a kind, a tokenizer with a chat template means chat.
+
+        ``trust_remote_code`` lets a tokenizer that ships as code run it (to read its chat template); without it
+        such a tokenizer is refused with an error, never an interactive question.
 
         >>> Policy.parse("small=Qwen/Qwen2.5-0.5B:base")
         Policy(name='small', path='Qwen/Qwen2.5-0.5B', kind='base')
@@ -44,14 +47,14 @@ class Policy:
         if not path:
             raise ValueError(f"Policy {spec!r} has no path; use '[NAME=]PATH[:base|:chat]'.")
         if kind is None:
-            kind = _detect_kind(path)
+            kind = _detect_kind(path, trust_remote_code)
         return cls(name or path.rstrip("/").replace("\\", "/"), path, kind)
 
 
-def _detect_kind(path: str) -> str:
+def _detect_kind(path: str, trust_remote_code: bool) -> str:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return "chat" if getattr(tokenizer, "chat_template", None) else "base"
 
 
@@ -118,6 +121,21 @@ class SynthesisConfig:
         default=2, metadata={"help": "Policies kept in memory at once by the transformers backend."}
     )
     progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars."})
+    token_tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "Tokenizer that counts each triple's tokens for the manifest (the sizes `trl-polar scaling` and "
+            "`--recipe polar-pretrain` take); default: the first policy's."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the code a policy's repository ships (e.g. InternLM2's tokenizer and model). Off: such a "
+            "policy is refused with an error; transformers is never left to ask, which would hang under "
+            "accelerate launch."
+        },
+    )
     sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"help": "Sampling settings."})
 
     def __post_init__(self) -> None:

@@ -120,11 +120,14 @@ class Synthesizer:
         # cpu=True on a CPU-only box: otherwise PartialState reports one process of one under accelerate launch and
         # every rank would make every shard (feasibility.md §1).
         self.state = PartialState(cpu=not torch.cuda.is_available())
-        self.policies = [p if isinstance(p, Policy) else Policy.parse(p) for p in config.policies]
+        self.policies = [
+            p if isinstance(p, Policy) else Policy.parse(p, config.trust_remote_code) for p in config.policies
+        ]
         names = Counter(p.name for p in self.policies)
         if any(v > 1 for v in names.values()):
             raise DataError(f"Policy names must be unique, got {dict(names)}; name them with NAME=PATH.")
         self.backend = backend or make_backend(config, device=self.state.device)
+        self._token_tokenizer: Any = None
 
     def eligible(self, kind: str) -> list[Policy]:
         if kind == "instruction":
@@ -240,7 +243,23 @@ class Synthesizer:
                 continue
             out.append(self._triple_row(index, row, triple, states, a, b))
         counts["triples"] = len(out)
+        self._count_tokens(out, counts)
         return out, counts
+
+    def _count_tokens(self, rows: list[dict[str, Any]], counts: Counter) -> None:
+        """Add each part's tokens to the shard's counts; the manifest turns them into the run's sizes."""
+        if self._token_tokenizer is None:
+            from transformers import AutoTokenizer
+
+            name = self.config.token_tokenizer or self.policies[0].path
+            self._token_tokenizer = AutoTokenizer.from_pretrained(
+                name, trust_remote_code=self.config.trust_remote_code
+            )
+        for part in ("prompt", *ROLES):
+            texts = [row[part] if isinstance(row[part], str) else flatten(row[part]) for row in rows]
+            lengths = self._token_tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+            counts[f"tokens_{part}"] += sum(len(ids) for ids in lengths)
+        counts["token_counted_triples"] += len(rows)
 
     def _triple_row(self, index: int, row: dict, triple: dict, states: dict, a: Policy, b: Policy) -> dict[str, Any]:
         sampling = self.config.sampling

@@ -70,6 +70,25 @@ def finished_shards(directory: str | os.PathLike) -> list[Path]:
     return files
 
 
+def token_sizes(totals: Mapping[str, int]) -> dict[str, float] | None:
+    """The run's size in training tokens, for ``trl-polar scaling --rm-tokens/--tokens-per-sample`` and
+    ``--recipe polar-pretrain --rm-tokens``; None when some shard was made without counting tokens.
+
+    A triple trains as two sequences, ``prompt reference prompt chosen`` and ``prompt reference prompt rejected``
+    (the template's special tokens and newlines, a few per sequence, are not counted).
+
+    >>> token_sizes({"triples": 2, "token_counted_triples": 2, "tokens_prompt": 10, "tokens_reference": 20,
+    ...              "tokens_chosen": 20, "tokens_rejected": 30})
+    {'rm_tokens': 130, 'tokens_per_sample': 65.0}
+    """
+    triples = totals.get("triples", 0)
+    if not triples or totals.get("token_counted_triples") != triples:
+        return None
+    total = 4 * totals["tokens_prompt"] + 2 * totals["tokens_reference"]
+    total += totals["tokens_chosen"] + totals["tokens_rejected"]
+    return {"rm_tokens": total, "tokens_per_sample": total / triples}
+
+
 class RunStore:
     """Writes one run's directory: the settings, each shard with its counts, and the manifest."""
 
@@ -126,5 +145,6 @@ class RunStore:
             "complete": len(shards) == num_shards,
             "shards": shards,
             "totals": dict(sorted(totals.items())),
+            "tokens": token_sizes(totals),
         }
         atomic_write_json(self.directory / MANIFEST_FILE, manifest)
