@@ -90,21 +90,29 @@ def rl_run(name: str, reward_funcs: list, references: dict | None, prompts, poli
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    from trl_polar.data.loading import load_preference_dataset
-    from trl_polar.policy_shift import sample_answers
-    from trl_polar.quickstart import QuickstartConfig, run_quickstart
-    from trl_polar.rewards import PolarReward
-    from trl_polar.tiny import build_tiny_policy_pool
+    from trl_polar.quickstart import QuickstartConfig, quiet_libraries, run_quickstart
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out-dir", default="rft-new-target", help="Where models and data go.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of everything.")
     cli = parser.parse_args(argv)
-    config = QuickstartConfig(out_dir=cli.out_dir, num_policies=4, grpo_steps=0, seed=cli.seed)
+    # The quickstart's pipeline without its own GRPO stage: pool, triples, POLAR reward model (out/report.json).
+    run_quickstart(QuickstartConfig(out_dir=cli.out_dir, num_policies=4, grpo_steps=0, seed=cli.seed))
+    config = QuickstartConfig(out_dir=cli.out_dir, num_policies=4, seed=cli.seed)  # the RL runs: default steps
+    with quiet_libraries():
+        return compare(config)
+
+
+def compare(config) -> dict:
+    """The reference-free baseline, the new target and both RL runs; prints the table and the JSON line."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from trl_polar.data.loading import load_preference_dataset
+    from trl_polar.policy_shift import sample_answers
+    from trl_polar.rewards import PolarReward
+    from trl_polar.tiny import build_tiny_policy_pool
+
     out = Path(config.out_dir)
-    run_quickstart(config)  # pool, triples, POLAR reward model (its accuracy is in out/report.json)
     train_rows = list(load_preference_dataset(str(out / "triples")))
     # The POLAR model's optimizer steps: its training share of the triples, batch 8, `epochs` epochs.
     polar_rows = len(train_rows) - max(8, int(len(train_rows) * config.heldout_fraction))

@@ -21,6 +21,7 @@ import random
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ def _removals(totals: dict[str, int]) -> str:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_libraries():
     """Stage lines and our own progress only: no weight-loading bars or load reports from the libraries."""
     import datasets
     import transformers
@@ -110,7 +111,11 @@ def _quiet():
     transformers.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     try:
-        yield
+        with warnings.catch_warnings():
+            # TRL 1.16's GRPO reads transformers' deprecated `is_gradient_checkpointing` / `gradient_checkpointing_*`
+            # itself; our own configs use the new `activation_checkpointing` names.
+            warnings.filterwarnings("ignore", r"`(is_)?gradient_checkpointing\w*` is deprecated", FutureWarning)
+            yield
     finally:
         transformers.logging.set_verbosity(verbosity)
         transformers.logging.enable_progress_bar()
@@ -128,7 +133,7 @@ def run_quickstart(config: QuickstartConfig | None = None) -> dict[str, Any]:
     """Run every stage and return the summary (also written to ``out_dir/report.json`` and ``summary.md``)."""
 
     config = config or QuickstartConfig()
-    with _quiet():
+    with quiet_libraries():
         return _run(config)
 
 

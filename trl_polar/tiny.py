@@ -142,8 +142,8 @@ def build_tiny_policy_pool(
     """Tiny causal LMs that share one vocabulary and write with habits of their own: a policy pool for demos and tests.
 
     Random weights alone give every policy near-uniform gibberish, which no discriminator can tell apart and no policy
-    can learn to imitate. So each policy gets habits (see `give_habits`): a preference over the shared tokens, a
-    typical answer length and bigram tendencies of its own. A discriminator can then learn what POLAR learns at scale
+    can learn to imitate. So each policy gets a habit (see `give_habits`): a preference of its own over the shared
+    tokens. A discriminator can then learn what POLAR learns at scale
     (whether a candidate comes from the reference's policy), and RL can move one policy towards another's habits.
     Policy ``k`` depends only on ``seed`` and ``k``: ``first=4`` builds policies 4, 5, ... that a pool of four never
     contains (held-out targets). Only tokens that survive the trip to text are written (answers are stored as text,
@@ -172,13 +172,14 @@ def build_tiny_policy_pool(
 
 
 def give_habits(model, seed: int, strength: float = 2.0, eos_token_id: int | None = None) -> None:
-    """Write a token preference, a length and bigram tendencies into a tiny random causal LM's weights, in place.
+    """Write a token preference of its own into a tiny random causal LM's weights, in place.
 
-    The habits live in the weights (not in a logits processor) so that sampling, GRPO's log-probabilities and a
-    target's log-likelihood all see the same distribution, and training can change them. Hidden channel 0 of every
+    The habit lives in the weights (not in a logits processor) so that sampling, GRPO's log-probabilities and a
+    target's log-likelihood all see the same distribution, and training can change it. Hidden channel 0 of every
     token embedding is set to a constant that dominates the final norm's input, so the output head's column 0 acts
-    as a per-token bias: ``strength`` x a standard normal draw per token (the preference; EOS's entry sets how long
-    answers run). The rest of the head is scaled up so the current token also shapes the next (bigrams).
+    as a per-token bias: ``strength`` x a standard normal draw per token. EOS gets the same odds in every policy
+    (about 1 in 40 per token), so answers run to a few dozen tokens and a policy is told apart by what it writes.
+    The random rest of the head keeps a weak dependence on the context.
     """
     import torch
 
@@ -190,11 +191,10 @@ def give_habits(model, seed: int, strength: float = 2.0, eos_token_id: int | Non
         channel = 2.0 * embed[:, 1:].std().item() * (hidden - 1) ** 0.5  # twice the norm of the other channels
         embed[:, 0] = channel
         level = channel / ((channel**2 + embed[:, 1:].pow(2).sum(-1).mean().item()) / hidden) ** 0.5
-        head.mul_(4.0)
         bias = strength * torch.randn(vocab, generator=generator)
         if eos_token_id is not None:
-            # log-odds of stopping at each token of about -3 +- 1: answers of a few to a few dozen tokens
-            bias[eos_token_id] = torch.logsumexp(bias, 0) - 3.0 + torch.randn((), generator=generator).item()
+            others = torch.cat([bias[:eos_token_id], bias[eos_token_id + 1 :]])
+            bias[eos_token_id] = torch.logsumexp(others, 0) - 3.7
         head[:, 0] = bias / level
 
 
