@@ -46,6 +46,7 @@ def reference_free_pairs(rows: list[dict], fixed: str) -> list[dict]:
 def train_reference_free(rows: list[dict], out: Path, steps: int, config) -> str:
     """A conventional reward model: `trl.RewardTrainer` on (prompt, chosen, rejected) pairs from the same backbone."""
     from datasets import Dataset
+    from transformers import PrinterCallback
     from trl import RewardConfig, RewardTrainer
 
     pairs = reference_free_pairs(rows, f"p{FIXED}")
@@ -55,6 +56,7 @@ def train_reference_free(rows: list[dict], out: Path, steps: int, config) -> str
         use_cpu=True, seed=config.seed, activation_checkpointing=False, disable_tqdm=True, logging_steps=steps,
     )  # fmt: skip
     trainer = RewardTrainer(model=str(out / "backbone"), args=args, train_dataset=Dataset.from_list(pairs))
+    trainer.remove_callback(PrinterCallback)  # its per-step dicts; the line below says what was trained
     trainer.train()
     trainer.save_model(args.output_dir)
     print(f"reference-free reward model: {len(pairs)} pairs, {steps} steps", flush=True)
