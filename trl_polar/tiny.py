@@ -136,32 +136,32 @@ def build_tiny_reward_model(tokenizer, arch: str = "qwen2", seed: int = 0, out_d
     return model
 
 
-def build_tiny_policy_pool(tokenizer, out_dir, num_policies: int = 4, seed: int = 0, **overrides) -> list[str]:
-    """Tiny random causal LMs that write recognisably different text: a policy pool for demos and tests.
+def build_tiny_policy_pool(
+    tokenizer, out_dir, num_policies: int = 4, seed: int = 0, first: int = 0, habit: float = 2.0, **overrides
+) -> list[str]:
+    """Tiny causal LMs that share one vocabulary and write with habits of their own: a policy pool for demos and tests.
 
-    Random weights alone give every policy near-uniform gibberish, which no discriminator can tell apart. So each
-    policy also gets a vocabulary of its own: ordinary tokens are split into ``num_policies`` disjoint slices and
-    a policy's generation config suppresses every token outside its slice (EOS stays allowed). A policy
-    discriminator can then learn what POLAR learns at scale: whether a candidate comes from the reference's policy.
-    Only tokens that survive the trip to text are shared out: answers are stored as text, and a lone byte of a
-    multi-byte character decodes to U+FFFD, the same text for every policy.
+    Random weights alone give every policy near-uniform gibberish, which no discriminator can tell apart and no policy
+    can learn to imitate. So each policy gets a habit (see `give_habits`): a preference of its own over the shared
+    tokens. A discriminator can then learn what POLAR learns at scale
+    (whether a candidate comes from the reference's policy), and RL can move one policy towards another's habits.
+    Policy ``k`` depends only on ``seed`` and ``k``: ``first=4`` builds policies 4, 5, ... that a pool of four never
+    contains (held-out targets). Only tokens that survive the trip to text are written (answers are stored as text,
+    and a lone byte of a multi-byte character decodes to U+FFFD, the same text for every policy).
 
     Returns:
-        The saved policy directories, ``out_dir/policy_0`` ... (model, tokenizer and generation config each).
+        The saved policy directories, ``out_dir/policy_<k>`` (model, tokenizer and generation config each).
     """
-    import random
     from pathlib import Path
 
     special = set(tokenizer.all_special_ids)
-    ordinary = [i for i in range(len(tokenizer)) if i not in special and _round_trips(tokenizer, i)]
-    random.Random(seed).shuffle(ordinary)
+    allowed = {i for i in range(len(tokenizer)) if i not in special and _round_trips(tokenizer, i)}
+    suppress = sorted(set(range(len(tokenizer))) - allowed - {tokenizer.eos_token_id})
     paths = []
-    for k in range(num_policies):
-        allowed = set(ordinary[k::num_policies])
+    for k in range(first, first + num_policies):
         model = build_tiny_causal_lm(tokenizer, seed=seed * 1000 + k, **overrides)
-        model.generation_config.suppress_tokens = sorted(
-            set(range(len(tokenizer))) - allowed - {tokenizer.eos_token_id}
-        )
+        give_habits(model, seed=seed * 1000 + k, strength=habit, eos_token_id=tokenizer.eos_token_id)
+        model.generation_config.suppress_tokens = suppress
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         path = Path(out_dir) / f"policy_{k}"
@@ -169,6 +169,33 @@ def build_tiny_policy_pool(tokenizer, out_dir, num_policies: int = 4, seed: int 
         tokenizer.save_pretrained(path)
         paths.append(str(path))
     return paths
+
+
+def give_habits(model, seed: int, strength: float = 2.0, eos_token_id: int | None = None) -> None:
+    """Write a token preference of its own into a tiny random causal LM's weights, in place.
+
+    The habit lives in the weights (not in a logits processor) so that sampling, GRPO's log-probabilities and a
+    target's log-likelihood all see the same distribution, and training can change it. Hidden channel 0 of every
+    token embedding is set to a constant that dominates the final norm's input, so the output head's column 0 acts
+    as a per-token bias: ``strength`` x a standard normal draw per token. EOS gets the same odds in every policy
+    (about 1 in 40 per token), so answers run to a few dozen tokens and a policy is told apart by what it writes.
+    The random rest of the head keeps a weak dependence on the context.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        embed = model.get_input_embeddings().weight
+        head = model.get_output_embeddings().weight
+        vocab, hidden = embed.shape
+        channel = 2.0 * embed[:, 1:].std().item() * (hidden - 1) ** 0.5  # twice the norm of the other channels
+        embed[:, 0] = channel
+        level = channel / ((channel**2 + embed[:, 1:].pow(2).sum(-1).mean().item()) / hidden) ** 0.5
+        bias = strength * torch.randn(vocab, generator=generator)
+        if eos_token_id is not None:
+            others = torch.cat([bias[:eos_token_id], bias[eos_token_id + 1 :]])
+            bias[eos_token_id] = torch.logsumexp(others, 0) - 3.7
+        head[:, 0] = bias / level
 
 
 def _round_trips(tokenizer, token_id: int) -> bool:
