@@ -1,1 +1,3 @@
-"""Contract tests against the RL frameworks' own code (a package, so its conftest does not shadow tests/conftest.py)."""
+"""Contract tests against the RL frameworks' own code.
+
+A package, so that its conftest does not shadow tests/conftest.py."""
