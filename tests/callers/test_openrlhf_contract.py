@@ -59,7 +59,7 @@ def test_openrlhf_scores_and_survives_a_failed_rollout(caller, server, tiny_qwen
     http, file = results
     assert http["remote_url"] == [server.url + "/get_reward"] and file["remote_url"][0].endswith("openrlhf.py")
     for out in results:
-        assert out["label_key"] == "polar_label" and out["clip_range"] == [-10.0, 10.0]
+        assert out["label_key"] == "reference" and out["clip_range"] == [-10.0, 10.0]
         assert out["rewards_precomputed"]  # else make_experience: "reward_model_group is required ..."
         (batch,) = out["batches"]  # --rollout.micro_batch_size 8: the four rollouts merged, failed ones included
         assert batch["polar_failed"] == [1.0, 0.0, 0.0, 1.0]
