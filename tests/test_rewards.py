@@ -209,6 +209,8 @@ def test_the_reward_cuts_a_long_completion_as_training_did(tmp_path, tiny_qwen2_
 def test_reward_model_loads_whole_while_a_zero3_run_is_registered(tiny_qwen2_rm_dir):
     # Under ZeRO-3 TrainingArguments registers a DeepSpeed config that makes transformers partition every model it
     # loads; the reward model is loaded outside it (tests/test_grpo_multiprocess.py runs the real 2-rank ZeRO-3 case).
+    # HfDeepSpeedConfig needs deepspeed installed; without it a half-built config would stay registered process-wide.
+    pytest.importorskip("deepspeed")
     from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
 
     from trl_polar.rewards import PolarReward
