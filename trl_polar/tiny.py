@@ -137,7 +137,15 @@ def build_tiny_reward_model(tokenizer, arch: str = "qwen2", seed: int = 0, out_d
 
 
 def build_tiny_policy_pool(
-    tokenizer, out_dir, num_policies: int = 4, seed: int = 0, first: int = 0, habit: float = 2.0, **overrides
+    tokenizer,
+    out_dir,
+    num_policies: int = 4,
+    seed: int = 0,
+    first: int = 0,
+    habit: float = 2.0,
+    favourites: int = 0,
+    boost: float = 4.0,
+    **overrides,
 ) -> list[str]:
     """Tiny causal LMs that share one vocabulary and write with habits of their own: a policy pool for demos and tests.
 
@@ -145,6 +153,11 @@ def build_tiny_policy_pool(
     can learn to imitate. So each policy gets a habit (see `give_habits`): a preference of its own over the shared
     tokens. A discriminator can then learn what POLAR learns at scale
     (whether a candidate comes from the reference's policy), and RL can move one policy towards another's habits.
+    Random preferences alone overlap by chance: a policy may already favour many of another's tokens, and then
+    moving away from itself in any direction looks like moving towards the other. With ``favourites`` > 0 each
+    policy also strongly prefers a set of that many tokens of its own (their logits raised by ``boost``), and no two
+    policies' sets overlap, so that writing more like policy ``k`` means using more of policy ``k``'s set (docs/rl.md
+    reports what that does to the quickstart's GRPO stage; the default keeps random preferences only).
     Policy ``k`` depends only on ``seed`` and ``k``: ``first=4`` builds policies 4, 5, ... that a pool of four never
     contains (held-out targets). Only tokens that survive the trip to text are written (answers are stored as text,
     and a lone byte of a multi-byte character decodes to U+FFFD, the same text for every policy).
@@ -152,15 +165,24 @@ def build_tiny_policy_pool(
     Returns:
         The saved policy directories, ``out_dir/policy_<k>`` (model, tokenizer and generation config each).
     """
+    import random
     from pathlib import Path
 
     special = set(tokenizer.all_special_ids)
-    allowed = {i for i in range(len(tokenizer)) if i not in special and _round_trips(tokenizer, i)}
-    suppress = sorted(set(range(len(tokenizer))) - allowed - {tokenizer.eos_token_id})
+    allowed = [i for i in range(len(tokenizer)) if i not in special and _round_trips(tokenizer, i)]
+    suppress = sorted(set(range(len(tokenizer))) - set(allowed) - {tokenizer.eos_token_id})
+    # One shuffle per seed, cut into consecutive sets: policy k's set is the same in every pool built with this seed.
+    random.Random(seed).shuffle(allowed)
+    if (first + num_policies) * favourites > len(allowed) // 2:
+        raise ValueError(
+            f"{first + num_policies} policies x {favourites} favourite tokens leave fewer than half of the "
+            f"{len(allowed)} writable tokens shared; lower `favourites` or build a larger tokenizer."
+        )
     paths = []
     for k in range(first, first + num_policies):
         model = build_tiny_causal_lm(tokenizer, seed=seed * 1000 + k, **overrides)
-        give_habits(model, seed=seed * 1000 + k, strength=habit, eos_token_id=tokenizer.eos_token_id)
+        own = allowed[k * favourites : (k + 1) * favourites]
+        give_habits(model, seed * 1000 + k, habit, tokenizer.eos_token_id, favourites=own, boost=boost)
         model.generation_config.suppress_tokens = suppress
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -171,13 +193,21 @@ def build_tiny_policy_pool(
     return paths
 
 
-def give_habits(model, seed: int, strength: float = 2.0, eos_token_id: int | None = None) -> None:
+def give_habits(
+    model,
+    seed: int,
+    strength: float = 2.0,
+    eos_token_id: int | None = None,
+    favourites: Iterable[int] = (),
+    boost: float = 0.0,
+) -> None:
     """Write a token preference of its own into a tiny random causal LM's weights, in place.
 
     The habit lives in the weights (not in a logits processor) so that sampling, GRPO's log-probabilities and a
     target's log-likelihood all see the same distribution, and training can change it. Hidden channel 0 of every
     token embedding is set to a constant that dominates the final norm's input, so the output head's column 0 acts
-    as a per-token bias: ``strength`` x a standard normal draw per token. EOS gets the same odds in every policy
+    as a per-token bias: ``strength`` x a standard normal draw per token, plus ``boost`` for the ``favourites``
+    token ids. EOS gets the same odds in every policy
     (about 1 in 40 per token), so answers run to a few dozen tokens and a policy is told apart by what it writes.
     The random rest of the head keeps a weak dependence on the context.
     """
@@ -192,6 +222,7 @@ def give_habits(model, seed: int, strength: float = 2.0, eos_token_id: int | Non
         embed[:, 0] = channel
         level = channel / ((channel**2 + embed[:, 1:].pow(2).sum(-1).mean().item()) / hidden) ** 0.5
         bias = strength * torch.randn(vocab, generator=generator)
+        bias[list(favourites)] += boost
         if eos_token_id is not None:
             others = torch.cat([bias[:eos_token_id], bias[eos_token_id + 1 :]])
             bias[eos_token_id] = torch.logsumexp(others, 0) - 3.7
