@@ -5,8 +5,9 @@ when scoring raises (a server that stays down), or when its score takes longer t
 ``on_error`` then decides:
 
 - ``"raise"`` (the default): the call raises `ItemFailure`, naming the first failed item, its field and the cause;
-- ``"none"``: the item gets None, each framework's own "no reward for this item" (TRL and ms-swift skip it,
-  OpenRLHF drops the sample's reward, verl has no such value: see `trl_polar.integrations.verl`), and the failures
+- ``"none"``: the item gets None, each framework's own "no reward for this item" where it has one (TRL and ms-swift
+  skip it); OpenRLHF has no such state, so it gets the finite ``TRL_POLAR_FAILURE_REWARD`` instead
+  (`trl_polar.serving.get_reward`), and verl a score of 0.0 (see `trl_polar.integrations.verl`). The failures
   are counted where the framework logs (TRL ``log_metric``, OpenRLHF ``extra_logs``, verl ``reward_extra_info``) and
   logged as a warning. Never a silent 0.
 

@@ -464,8 +464,8 @@ class GetRewardError(BaseModel):
 
 class GetRewardResponse(BaseModel):
     rewards: list[Score | None] | None = Field(
-        description="Raw POLAR scores (OpenRLHF normalises and clips on its side); null for a rollout that failed, "
-        "and absent when every rollout failed (OpenRLHF then records its own 'no reward')."
+        description="Raw POLAR scores (OpenRLHF normalises and clips on its side); a rollout that failed gets the "
+        "finite TRL_POLAR_FAILURE_REWARD (default -10.0), since OpenRLHF has no missing-reward state."
     )
     scores: list[Score | None] | None = Field(description="The same values (OpenRLHF's dynamic filtering reads them).")
     extra_logs: dict[str, list[Score]] = Field(
