@@ -112,7 +112,7 @@ class TrainCommand(TyperCommand):
 
     @epilog.setter
     def epilog(self, value: str | None) -> None:
-        pass
+        """click assigns the epilog at construction; the flag list above always wins, so the value is ignored."""
 
 
 def parse_train_args(argv: Sequence[str], config_file: str | None = None) -> tuple[TrainArguments, PolarConfig]:
